@@ -1,0 +1,258 @@
+"""Calibration windows: token ids of shape (nsamples, seqlen), sampled as the papers do.
+
+Documents (C4, .jsonl, .parquet): draw a random document until one is longer than seqlen, then a random
+window inside it (SparseGPT/Wanda's C4 loader). A text stream (WikiText-2, .txt): random windows of the
+tokenized stream. Both use a private `random.Random(seed)`, so the windows depend on the seed alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import CalibrationConfig
+from ..errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+NAMED_SOURCES = ("c4", "wikitext2")
+TOKEN_SUFFIXES = (".pt", ".safetensors", ".npy")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+DATA_DIR_ENV = "LLMPRUNE_DATA_DIR"
+
+
+@dataclass
+class CalibrationData:
+    """Calibration token ids and where they came from."""
+
+    tokens: torch.Tensor  # (nsamples, seqlen) int64
+    source: str
+    description: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return token_hash(self.tokens)
+
+    @property
+    def nsamples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "description": self.description, "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "token_sha256": self.sha256}
+
+
+def token_hash(tokens: torch.Tensor) -> str:
+    """sha256 of the int64 token ids in row-major order (and their shape)."""
+    t = tokens.detach().to("cpu", torch.int64).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """`data_dir` if given, else $LLMPRUNE_DATA_DIR, else None (use the Hugging Face Hub)."""
+    d = data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(d).expanduser() if d else None
+
+
+# ---------------------------------------------------------------- text sources
+
+def read_documents(path: Path) -> list[str]:
+    """Documents from a .jsonl/.json/.parquet file (field `text`), through `datasets`' local loaders."""
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001
+        raise LLMPruneError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if "text" not in ds.column_names:
+        raise LLMPruneError(f"{path} has no 'text' field (fields: {', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if t]
+
+
+def named_source_text(name: str, split: str, data_dir: Path | None) -> tuple[list[str] | str, str]:
+    """The documents (list) or text stream (str) of a named dataset, and a description of where they came from.
+
+    Hub: C4 en train shard 00000 / validation shard 00000 (the SparseGPT/Wanda files), WikiText-2-raw-v1.
+    Local (`data_dir`): `c4/*.parquet|*.jsonl|*.json*`, `wikitext2/wikitext-2-raw-v1.<split>.jsonl`."""
+    if name == "c4":
+        if data_dir is not None:
+            d = data_dir / "c4"
+            files = sorted(f for f in d.glob("*") if f.suffix in (".parquet", ".jsonl", ".json")) if d.is_dir() else []
+            if not files:
+                raise LLMPruneError(f"no C4 files (*.parquet, *.jsonl) found in {d}; check --data-dir / ${DATA_DIR_ENV}")
+            docs = [t for f in files for t in read_documents(f)]
+            return docs, f"local C4 documents {', '.join(str(f) for f in files)}"
+        shard = ("en/c4-train.00000-of-01024.json.gz" if split == "train"
+                 else "en/c4-validation.00000-of-00008.json.gz")
+        ds = _hub_dataset("allenai/c4", None, split, data_files={split: shard})
+        return list(ds["text"]), f"hub allenai/c4 {shard}"
+    if name == "wikitext2":
+        if data_dir is not None:
+            f = data_dir / "wikitext2" / f"wikitext-2-raw-v1.{split}.jsonl"
+            if not f.is_file():
+                hint = (" (only the test split is available locally; calibrating on it would leak the evaluation "
+                        "set: use --calib-data c4 or a file)" if split == "train" else "")
+                raise LLMPruneError(f"WikiText-2 {split} split not found at {f}{hint}")
+            rows = [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
+            return rows, f"local WikiText-2-raw-v1 {split} {f}"
+        ds = _hub_dataset("wikitext", "wikitext-2-raw-v1", split)
+        return list(ds["text"]), f"hub wikitext/wikitext-2-raw-v1 {split}"
+    raise LLMPruneError(f"unknown dataset {name!r}; known: {', '.join(NAMED_SOURCES)}")
+
+
+def _hub_dataset(path: str, name: str | None, split: str, **kw):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name, split=split, **kw)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LLMPruneError(
+            f"cannot load {path} from the Hugging Face Hub ({first}); offline? pass --data-dir with local copies "
+            f"(or set ${DATA_DIR_ENV})"
+        ) from None
+
+
+# ---------------------------------------------------------------- sampling
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, return_attention_mask=False)["input_ids"]
+
+
+def sample_document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
+                            allow_overlap: bool = False) -> torch.Tensor:
+    """SparseGPT/Wanda C4 sampling: a random document longer than seqlen, then a random window inside it."""
+    rng = random.Random(seed)
+    cache: dict[int, list[int]] = {}
+
+    def ids(i: int) -> list[int]:
+        if i not in cache:
+            cache[i] = _encode(tokenizer, docs[i])
+        return cache[i]
+
+    if len(docs) <= 50_000:  # small enough to check up front that the request can be met
+        lengths = [len(x) for x in tokenizer(docs, return_attention_mask=False)["input_ids"]]
+        eligible = sum(n for n in lengths if n > seqlen)
+        if eligible == 0:
+            raise LLMPruneError(f"too little calibration text: no document is longer than seqlen={seqlen} tokens")
+        if eligible < nsamples * seqlen and not allow_overlap:
+            raise LLMPruneError(
+                f"too little calibration text: documents longer than {seqlen} tokens hold {eligible} tokens, "
+                f"fewer than nsamples x seqlen = {nsamples * seqlen}; lower --nsamples/--seqlen or pass --allow-overlap"
+            )
+    out = torch.empty(nsamples, seqlen, dtype=torch.int64)
+    for s in range(nsamples):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            if len(ids(i)) > seqlen:
+                break
+        start = rng.randint(0, len(ids(i)) - seqlen - 1)
+        out[s] = torch.tensor(ids(i)[start : start + seqlen])
+    return out
+
+
+def sample_stream_windows(stream: list[int], nsamples: int, seqlen: int, seed: int,
+                          allow_overlap: bool = False) -> torch.Tensor:
+    """Random windows of a tokenized text stream (Wanda/SparseGPT WikiText-2 loader)."""
+    if len(stream) <= seqlen or (len(stream) < nsamples * seqlen and not allow_overlap):
+        raise LLMPruneError(
+            f"too little calibration text: {len(stream)} tokens for nsamples x seqlen = {nsamples * seqlen}; "
+            "lower --nsamples/--seqlen" + ("" if len(stream) <= seqlen else " or pass --allow-overlap")
+        )
+    rng = random.Random(seed)
+    t = torch.tensor(stream, dtype=torch.int64)
+    out = torch.empty(nsamples, seqlen, dtype=torch.int64)
+    for s in range(nsamples):
+        start = rng.randint(0, len(stream) - seqlen - 1)
+        out[s] = t[start : start + seqlen]
+    return out
+
+
+def load_token_file(path: Path) -> torch.Tensor:
+    """A saved (n, seqlen) int64 token tensor: .pt (torch.save), .safetensors (one tensor) or .npy."""
+    try:
+        if path.suffix == ".pt":
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise LLMPruneError(f"{path} holds {len(tensors)} tensors; expected exactly one (n, seqlen) int64 tensor")
+            t = next(iter(tensors.values()))
+        else:
+            import numpy as np
+
+            t = torch.from_numpy(np.load(path, allow_pickle=False))
+    except LLMPruneError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise LLMPruneError(f"cannot read token file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.int64:
+        desc = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise LLMPruneError(f"token file {path} must hold an int64 tensor of shape (n, seqlen), got {desc}")
+    return t
+
+
+def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | None = None) -> CalibrationData:
+    """Calibration windows for `cfg.source`: a named dataset, a local text file, or a saved token tensor."""
+    src = cfg.source
+    path = Path(src).expanduser()
+    if path.suffix in TOKEN_SUFFIXES:
+        if not path.is_file():
+            raise LLMPruneError(f"calibration token file not found: {path}")
+        tokens = load_token_file(path)
+        if (cfg.nsamples, cfg.seqlen) != tuple(tokens.shape):
+            log.info("token file %s used as given: %d windows of %d tokens", path, *tokens.shape)
+        data = CalibrationData(tokens, str(path), "token ids used as given")
+    elif path.suffix in TEXT_SUFFIXES:
+        if not path.is_file():
+            raise LLMPruneError(f"calibration file not found: {path}")
+        if tokenizer is None:
+            raise LLMPruneError("a tokenizer is needed to calibrate on text")
+        if path.suffix == ".txt":
+            stream = _encode(tokenizer, path.read_text())
+            tokens = sample_stream_windows(stream, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+            desc = f"random windows of the text stream {path}"
+        else:
+            tokens = sample_document_windows(read_documents(path), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                             cfg.allow_overlap)
+            desc = f"random windows of random documents longer than seqlen, {path}"
+        data = CalibrationData(tokens, str(path), desc)
+    elif src in NAMED_SOURCES:
+        if tokenizer is None:
+            raise LLMPruneError("a tokenizer is needed to calibrate on text")
+        data_dir = resolve_data_dir(cfg.data_dir)
+        text, where = named_source_text(src, "train", data_dir)
+        if src == "c4":
+            tokens = sample_document_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+        else:
+            tokens = sample_stream_windows(_encode(tokenizer, " ".join(text)), cfg.nsamples, cfg.seqlen, cfg.seed,
+                                           cfg.allow_overlap)
+        data = CalibrationData(tokens, src, where)
+    else:
+        raise LLMPruneError(
+            f"unknown calibration source {src!r}: give a named dataset ({', '.join(NAMED_SOURCES)}), "
+            f"a text file ({', '.join(TEXT_SUFFIXES)}) or a token file ({', '.join(TOKEN_SUFFIXES)})"
+        )
+    if vocab_size is not None and data.tokens.numel() and (
+        int(data.tokens.min()) < 0 or int(data.tokens.max()) >= vocab_size
+    ):
+        raise LLMPruneError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
+    log.info("calibration: %d x %d tokens from %s (sha256 %s)", data.nsamples, data.seqlen, data.description,
+             data.sha256[:16])
+    return data

@@ -1,0 +1,151 @@
+"""Command line: argparse -> typed configs -> the same functions the Python API offers. Only this module prints.
+
+    python -m llmprune --model <hf-id|dir|file.gguf> --method wanda --sparsity 0.5 --output-dir out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LLMPruneError
+
+SUBCOMMANDS = ("prune",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise LLMPruneError(message)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+
+
+def build_prune_parser() -> argparse.ArgumentParser:
+    from .scorers import SCORERS
+
+    p = _Parser(prog="python -m llmprune", description="Prune a causal LM, report perplexity before and after, save it.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="Hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
+    g.add_argument("--device", default="auto", help="where blocks are processed: auto, cpu, cuda, cuda:N")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default="wanda", help=f"one of: {', '.join(SCORERS.names())}")
+    g.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1) (default 0.5; implied by N:M)")
+    g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
+    g.add_argument("--comparison-group", default=None, choices=None,
+                   help="per-row or per-layer (default: the method's reference: magnitude per-layer, wanda per-row, ria per-layer, sparsegpt per-layer)")
+    g.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent a (default 0.5)")
+    g.add_argument("--sparsegpt-blocksize", type=int, default=128)
+    g.add_argument("--sparsegpt-percdamp", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=None, help="calibration windows per block forward (default: ~16k tokens)")
+    g.add_argument("--offload-activations", default="auto", help="auto, cpu or device: where calibration activations live")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-data", default="c4", help="c4, wikitext2, a .txt/.jsonl/.parquet file, or a .pt/.safetensors/.npy token tensor")
+    g.add_argument("--nsamples", type=int, default=128)
+    g.add_argument("--seqlen", type=int, default=2048)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
+    g.add_argument("--allow-overlap", action="store_true", help="accept less calibration text than nsamples x seqlen tokens")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-ppl", type=_csv, default=("wikitext2",), help="comma-separated: wikitext2, c4, or none (default wikitext2)")
+    g.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
+    g.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first N windows")
+    g.add_argument("--eval-batch-size", type=int, default=1)
+    g.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the model before pruning")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=None, help="save the pruned model here (safetensors + tokenizer + llmprune.json)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    g.add_argument("--json", action="store_true", help="print the full record as JSON")
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
+    return p
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def cmd_prune(argv: list[str]) -> int:
+    from .config import CalibrationConfig, EvalConfig, PruneConfig
+    from .pipeline import run_prune_job
+
+    a = build_prune_parser().parse_args(argv)
+    _configure_logging(a.quiet)
+    prune_cfg = PruneConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern,
+                            comparison_group=a.comparison_group, ria_alpha=a.ria_alpha,
+                            sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
+                            device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
+    calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                                  data_dir=a.data_dir, allow_overlap=a.allow_overlap)
+    eval_cfg = None
+    if a.eval_ppl:
+        from .evaluation.perplexity import PPL_DATASETS
+        from .registry import unknown_name_message
+
+        for name in a.eval_ppl:
+            if name not in PPL_DATASETS:
+                raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
+        eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
+                              batch_size=a.eval_batch_size, data_dir=a.data_dir)
+    record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
+                           dtype=a.dtype, eval_dense=not a.skip_dense_eval)
+    if a.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        print(format_summary(record))
+    return 0
+
+
+def format_summary(record: dict) -> str:
+    cfg = record["config"]["prune"]
+    pat = cfg["pattern"]
+    lines = [f"model: {record['model']} ({record['architecture']})",
+             f"method: {cfg['method']} {pat}" + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
+             + f" -> {100 * record['sparsity']:.2f} % of block weights are zero"]
+    if record.get("calibration"):
+        c = record["calibration"]
+        lines.append(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['description']} (sha256 {c['token_sha256'][:12]})")
+    ppl = record["perplexity"]
+    for name in (ppl.get("pruned") or ppl.get("dense") or {}):
+        d = (ppl.get("dense") or {}).get(name)
+        p = (ppl.get("pruned") or {}).get(name)
+        proto = d or p
+        lines.append(f"{name} perplexity (seqlen {proto['seqlen']}, {proto['windows']} windows): "
+                     + (f"dense {d['ppl']:.3f}" if d else "dense -") + " -> " + (f"pruned {p['ppl']:.3f}" if p else "-"))
+    t = record["timings"]
+    lines.append(f"prune time: {t['prune_total']:.1f} s (model load {t['load_model']:.1f} s)")
+    if record.get("output_dir"):
+        lines.append(f"saved: {record['output_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "prune"
+    if argv and argv[0] == cmd:
+        argv = argv[1:]
+    try:
+        return {"prune": cmd_prune}[cmd](argv)
+    except LLMPruneError as e:
+        print(f"llmprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Perplexity in the protocol of SparseGPT/Wanda: the test text tokenized once, cut into non-overlapping
+windows of `seqlen` (tail dropped), ppl = exp(mean over windows of the mean next-token NLL).
+
+WikiText-2: the raw test split joined with "\\n\\n". C4: the first 1100 validation documents joined with " ",
+the first 256 windows (the reference's choice)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration.data import named_source_text, resolve_data_dir
+from ..errors import LLMPruneError
+from ..registry import unknown_name_message
+
+log = logging.getLogger(__name__)
+
+PPL_DATASETS = ("wikitext2", "c4")
+C4_EVAL_DOCS = 1100
+C4_EVAL_WINDOWS = 256
+
+
+def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, seqlen: int | None = None):
+    """The evaluation token stream (1-D int64) of a perplexity dataset, and where it came from."""
+    if name not in PPL_DATASETS:
+        raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
+    ddir = resolve_data_dir(data_dir)
+    if name == "wikitext2":
+        rows, where = named_source_text("wikitext2", "test", ddir)
+        text = "\n\n".join(rows)
+    else:
+        docs, where = named_source_text("c4", "validation", ddir)
+        text = " ".join(docs[:C4_EVAL_DOCS])
+    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.int64)
+    if name == "c4" and seqlen is not None:
+        ids = ids[: C4_EVAL_WINDOWS * seqlen]
+    return ids, where
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
+               device: str | torch.device | None = None, max_windows: int | None = None) -> dict:
+    """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
+
+    Logits are upcast to float32 for the loss; returns the protocol with the number."""
+    nwin = ids.numel() // seqlen
+    if max_windows is not None:
+        nwin = min(nwin, max_windows)
+    if nwin == 0:
+        raise LLMPruneError(f"the evaluation text ({ids.numel()} tokens) is shorter than one window of {seqlen}")
+    windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    home = next(model.parameters()).device
+    if home != dev:
+        model.to(dev)
+    t0 = time.perf_counter()
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    try:
+        for b0 in range(0, nwin, batch_size):
+            x = windows[b0 : b0 + batch_size].to(dev)
+            logits = model(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                   reduction="none").view(x.shape[0], -1)  # (b, seqlen-1)
+            nll_sum += loss.mean(dim=1).double().sum().cpu()
+    finally:
+        if home != dev:
+            model.to(home)
+    seconds = time.perf_counter() - t0
+    mean_nll = float(nll_sum) / nwin
+    if not math.isfinite(mean_nll):
+        log.warning("perplexity is not finite (NLL %s)", mean_nll)
+    return {"ppl": math.exp(mean_nll) if mean_nll < 700 else float("inf"), "nll": mean_nll, "seqlen": seqlen,
+            "windows": nwin, "tokens": nwin * seqlen, "seconds": seconds,
+            "tokens_per_s": nwin * seqlen / seconds if seconds > 0 else None}

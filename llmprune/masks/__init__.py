@@ -1,0 +1,72 @@
+"""Mask patterns: scores in, boolean prune-mask out (True = set to zero); and writing exact zeros.
+
+Pure functions on tensors: they never see a model, a hook or a scorer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Pattern
+from ..errors import LLMPruneError
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row") -> torch.Tensor:
+    """Prune the `int(sparsity * size)` lowest scores of each comparison group.
+
+    `per-row`: each output row competes alone (Wanda's choice); `per-layer`: the whole matrix competes
+    (magnitude pruning, RIA). Ties are broken by position (stable sort), so masks are deterministic.
+    """
+    # scores: (out_features, in_features)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if group == "per-row":
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # (out, k)
+            mask.scatter_(1, idx, True)
+    elif group == "per-layer":
+        k = int(scores.numel() * sparsity)
+        if k:
+            idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
+            mask.view(-1)[idx] = True
+    else:
+        raise LLMPruneError(f"unknown comparison group {group!r}; known: per-row, per-layer")
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest scores in every M consecutive weights along the input dimension of each row."""
+    out_f, in_f = scores.shape
+    if in_f % m:
+        raise LLMPruneError(f"N:M pattern {n}:{m} needs an input width divisible by {m}, got {in_f}")
+    groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M)
+    idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # the M-N lowest of each group
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, idx, True)
+    return mask.reshape(out_f, in_f)
+
+
+def select_mask(scores: torch.Tensor, pattern: Pattern, group: str = "per-row") -> torch.Tensor:
+    """Dispatch on the pattern: unstructured within `group`, or N:M (where the group is the M-block)."""
+    if pattern.kind == "unstructured":
+        return unstructured_mask(scores, pattern.sparsity, group)
+    return nm_mask(scores, pattern.n, pattern.m)
+
+
+@torch.no_grad()
+def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Write exact +0.0 where `mask` is True (in place; `weight * mask` would leave -0.0)."""
+    weight.masked_fill_(mask, 0.0)
+    return weight
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True if every M consecutive weights along the input dimension of every row hold at most N non-zeros."""
+    out_f, in_f = weight.shape
+    if in_f % m:
+        return False
+    nz = (weight.reshape(out_f, in_f // m, m) != 0).sum(-1)
+    return bool((nz <= n).all())
+
+
+__all__ = ["unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]

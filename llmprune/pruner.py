@@ -1,0 +1,151 @@
+"""`prune(model, config, calibration) -> report`: the one in-place verb that the CLI also calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import BlockContext, CalibrationData, observe, run_sequential
+from .config import PruneConfig
+from .errors import LLMPruneError
+from .evaluation.sparsity import sparsity_summary
+from .masks import apply_mask_
+from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
+from .scorers import SCORERS, Scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    """What prune() did: per-layer measured sparsity, timings (s) and peak memory (bytes)."""
+
+    config: dict
+    calibration: dict | None
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    sparsity: float = 0.0  # over all pruned layers
+    timings: dict[str, float] = field(default_factory=dict)
+    block_timings: list[dict[str, float]] = field(default_factory=list)
+    peak_memory: dict[str, int | None] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _auto_batch_size(tokens: torch.Tensor, device: torch.device) -> int:
+    """Calibration windows per block forward: about 16k tokens at a time."""
+    return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
+
+
+def _check_prunable(model: nn.Module, config: PruneConfig) -> None:
+    """Fail before touching the model: every block has linear layers, N:M widths divide by M."""
+    pattern = config.pattern_spec
+    blocks = find_blocks(model)
+    for i, block in enumerate(blocks.modules):
+        layers = linear_layers(block)
+        if not layers:
+            raise LLMPruneError(
+                f"block {i} of {type(model).__name__} has no linear layers to prune; this architecture is not supported"
+            )
+        if pattern.kind == "nm":
+            for name, layer in layers.items():
+                if in_features(layer) % pattern.m:
+                    raise LLMPruneError(
+                        f"pattern {pattern.name}: input width {in_features(layer)} of {blocks.path}.{i}.{name} "
+                        f"is not divisible by M={pattern.m}"
+                    )
+
+
+def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, config: PruneConfig) -> None:
+    pattern, group = config.pattern_spec, config.group
+    for name, layer in layers.items():
+        w = weight_oi(layer)  # (out, in), a view into the parameter
+        result = scorer.prune(w, stats.get(name), pattern, group)
+        if result.weight is not None:
+            w.copy_(result.weight.to(w.dtype))
+        apply_mask_(w, result.mask)
+
+
+def _peak_host_memory() -> int | None:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@torch.no_grad()
+def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | torch.Tensor | None = None) -> PruneReport:
+    """Prune the linear layers of every Transformer block of `model` in place.
+
+    Methods that need input statistics run the blocks in order on the calibration windows: hooks observe
+    each linear layer's inputs (float32), the block is pruned, then re-run so that block i+1 is calibrated on
+    the outputs of the already-pruned blocks. Embeddings and the LM head are never pruned."""
+    if isinstance(calibration, torch.Tensor):
+        calibration = CalibrationData(calibration, "tensor", "token ids given in memory")
+    scorer_cls = SCORERS.get(config.method)
+    scorer = scorer_cls(config)
+    _check_prunable(model, config)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    block_timings: list[dict[str, float]] = []
+    need = scorer.needs
+
+    if need == "none":
+        blocks = find_blocks(model)
+        for i in tqdm(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
+            tb = time.perf_counter()
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            _prune_layers(scorer, linear_layers(block), {}, config)
+            block.to(home)
+            block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
+    else:
+        if calibration is None:
+            raise LLMPruneError(f"method {config.method} needs calibration data")
+        tokens = calibration.tokens
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
+        batch_size = config.batch_size or _auto_batch_size(tokens, device)
+
+        def process(ctx: BlockContext) -> None:
+            layers = linear_layers(ctx.block)
+            t = time.perf_counter()
+            with observe(ctx.block, layers, need) as stats:
+                ctx.forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ctx.timings["calibrate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _prune_layers(scorer, layers, stats, config)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ctx.timings["prune"] = time.perf_counter() - t
+
+        block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
+                                       offload_activations=config.offload_activations, desc=config.method)
+    total = time.perf_counter() - t0
+    summary = sparsity_summary(model)
+    layer_sp, overall = summary["layers"], summary["block_linear_sparsity"]
+    timings = {"prune_total": total}
+    for key in ("calibrate", "prune", "propagate"):
+        timings[key] = sum(bt.get(key, 0.0) for bt in block_timings)
+    peak = {"host_max_rss": _peak_host_memory(),
+            "gpu_max_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    log.info("%s %s: %.1f %% of block weights pruned in %.1f s", config.method, config.pattern_spec.name,
+             100 * overall, total)
+    return PruneReport(config=config.to_dict(), calibration=calibration.to_dict() if calibration is not None else None,
+                       layer_sparsity=layer_sp, sparsity=overall, timings=timings, block_timings=block_timings,
+                       peak_memory=peak, device=str(device))
+

