@@ -80,7 +80,8 @@ def test_known_tasks():
 
 def test_end_to_end_arc_easy_boolq_hellaswag(model, tokenizer, data_dir):
     was_training = model.training
-    out = evaluate_zero_shot(model, tokenizer, ["arc_easy", "boolq", "hellaswag"], data_dir, limit=4)
+    tasks = ["arc_easy", "boolq", "hellaswag"]
+    out = evaluate_zero_shot(model, tokenizer, tasks, data_dir, limit=4)
 
     assert set(out) >= {"tasks", "lm_eval_version", "limit", "num_fewshot"}
     assert out["limit"] == 4 and out["num_fewshot"] == 0
@@ -123,29 +124,47 @@ def _continuation_logprob(model, tokenizer, context: str, continuation: str) -> 
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
-def test_scoring_matches_hand_computed_loglikelihoods(model, tokenizer, data_dir):
+def _hand_predictions(model, tokenizer, doc) -> tuple[int, int]:
+    """(argmax of summed log-probs, argmax of log-prob per character) for an ARC document."""
+    context = f"Question: {doc['question']}\nAnswer:"  # lm-eval's arc doc_to_text
+    choices = doc["choices"]["text"]
+    lls = [_continuation_logprob(model, tokenizer, context, " " + c) for c in choices]
+    ranked = sorted(lls, reverse=True)
+    assert ranked[0] - ranked[1] > 1e-4, "near tie: the oracle would not be meaningful"
+    pred = max(range(len(lls)), key=lambda i: lls[i])
+    pred_norm = max(range(len(lls)), key=lambda i: lls[i] / len(choices[i]))  # lm-eval: chars
+    return pred, pred_norm
+
+
+def test_scoring_matches_hand_computed_loglikelihoods(model, tokenizer, data_dir, tmp_path):
     """arc_easy, limit=2: lm-eval's acc/acc_norm equal an argmax over hand-summed log-probs."""
     with (data_dir / "arc_easy" / "test.hf.jsonl").open(encoding="utf-8") as fh:
         docs = [json.loads(next(fh)) for _ in range(2)]
+    preds = [_hand_predictions(model, tokenizer, doc) for doc in docs]
+    golds = [doc["choices"]["label"].index(doc["answerKey"]) for doc in docs]
 
-    hits, hits_norm = [], []
-    for doc in docs:
-        context = f"Question: {doc['question']}\nAnswer:"  # lm-eval's arc doc_to_text
-        choices = doc["choices"]["text"]
-        gold = doc["choices"]["label"].index(doc["answerKey"])
-        lls = [_continuation_logprob(model, tokenizer, context, " " + c) for c in choices]
-        ranked = sorted(lls, reverse=True)
-        assert ranked[0] - ranked[1] > 1e-4, "near tie: the oracle would not be meaningful"
-        pred = max(range(len(lls)), key=lambda i: lls[i])
-        pred_norm = max(range(len(lls)), key=lambda i: lls[i] / len(choices[i]))
-        hits.append(float(pred == gold))
-        hits_norm.append(float(pred_norm == gold))
-
-    out = evaluate_zero_shot(model, tokenizer, ["arc_easy"], data_dir, limit=2)
-    res = out["tasks"]["arc_easy"]
+    res = evaluate_zero_shot(model, tokenizer, ["arc_easy"], data_dir, limit=2)["tasks"]["arc_easy"]
     assert res["n"] == 2
-    assert res["acc"] == pytest.approx(sum(hits) / 2)
-    assert res["acc_norm"] == pytest.approx(sum(hits_norm) / 2)
+    assert res["acc"] == pytest.approx(sum(p == g for (p, _), g in zip(preds, golds)) / 2)
+    assert res["acc_norm"] == pytest.approx(sum(p == g for (_, p), g in zip(preds, golds)) / 2)
+
+    # A random model is mostly wrong, which makes the check above weak. So score the same two
+    # documents again with their answer key set to the choice the hand computation picked
+    # (then to the length-normalised pick): lm-eval must then agree on every document.
+    relabelled = []
+    for doc, (pred, pred_norm) in zip(docs, preds):
+        labels = doc["choices"]["label"]
+        relabelled.append({**doc, "answerKey": labels[pred]})
+        relabelled.append({**doc, "answerKey": labels[pred_norm]})
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "test.hf.jsonl").write_text(
+        "".join(json.dumps(d) + "\n" for d in relabelled), encoding="utf-8"
+    )
+    same = [float(p == q) for p, q in preds]  # do the plain and normalised picks agree?
+    res = evaluate_zero_shot(model, tokenizer, ["arc_easy"], tmp_path)["tasks"]["arc_easy"]
+    assert res["n"] == 4
+    assert res["acc"] == pytest.approx((1 + same[0] + 1 + same[1]) / 4)
+    assert res["acc_norm"] == pytest.approx((same[0] + 1 + same[1] + 1) / 4)
 
 
 def test_hellaswag_prompt_restoration():

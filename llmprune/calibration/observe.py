@@ -1,7 +1,8 @@
 """Forward pre-hooks that accumulate float32 statistics of each linear layer's inputs.
 
-Layers that read the very same input tensor (q/k/v projections, gate/up) share one LayerStats, so its
-statistics are computed once. Hooks are always removed when the `observe` context exits.
+Consecutive layers that read the very same input tensor object (q/k/v projections, gate/up) share one
+LayerStats, so its statistics are computed once. Identity is checked with `is` on a live reference, never on
+addresses, which the allocator reuses. Hooks are always removed when the `observe` context exits.
 """
 
 from __future__ import annotations
@@ -37,31 +38,29 @@ def add_to_stats(stats: LayerStats, x: torch.Tensor, need: str) -> None:
 def observe(block: nn.Module, layers: dict[str, nn.Module], need: str):
     """Within the context, every forward of `block` adds each layer's inputs to `stats[name]` (yielded)."""
     stats: dict[str, LayerStats] = {}
-    seen: dict[tuple, LayerStats] = {}  # input tensor identity -> stats, within one forward of the block
-    owner: dict[str, LayerStats] = {}
+    last: list = [None, None]  # the last input tensor seen in this forward of the block, and its stats
 
     def make_hook(name: str):
         def hook(module, args):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            if key in seen:
-                if name not in owner:  # first batch: this layer reads the same input as an earlier one
-                    owner[name] = seen[key]
-                    stats[name] = seen[key]
-                if owner[name] is seen[key]:
+            if x is last[0]:  # same tensor object as the previous layer's input (q/k/v, gate/up)
+                if name not in stats:
+                    stats[name] = last[1]
+                if stats[name] is last[1]:
                     return
-            st = owner.setdefault(name, stats.setdefault(name, LayerStats()))
+            st = stats.setdefault(name, LayerStats())
             add_to_stats(st, x.detach(), need)
-            seen[key] = st
+            last[0], last[1] = x, st
 
         return hook
 
     def clear_seen(module, args):
-        seen.clear()
+        last[0] = last[1] = None
 
-    handles = [block.register_forward_pre_hook(clear_seen)]
+    handles = [block.register_forward_pre_hook(clear_seen),
+               block.register_forward_hook(lambda module, args, output: clear_seen(module, args))]
     handles += [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         yield stats

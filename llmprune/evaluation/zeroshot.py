@@ -29,7 +29,8 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -39,6 +40,7 @@ __all__ = [
     "ZeroShotError",
     "evaluate_zero_shot",
     "hellaswag_process_docs",
+    "restore_hellaswag_query",
     "task_data_files",
 ]
 
@@ -303,7 +305,9 @@ def _write_wrappers(names: list[str], data_files: dict[str, dict[str, Path]], fo
         spec = _SPEC_BY_NAME[name]
         builtin = builtin_root / spec.builtin_yaml
         if not builtin.is_file():
-            raise RuntimeError(f"lm-eval's own definition of '{spec.lm_eval_task}' is missing: {builtin}")
+            raise RuntimeError(
+                f"lm-eval's own definition of '{spec.lm_eval_task}' is missing: {builtin}"
+            )
         wrapper = {
             "include": [str(builtin), str(_overlay_path(name))],
             "task": spec.lm_eval_task,
@@ -317,7 +321,12 @@ def _write_wrappers(names: list[str], data_files: dict[str, dict[str, Path]], fo
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """No network: offline flags for huggingface_hub and datasets (env and live config)."""
+    """No network, no worker processes, for the duration of the run.
+
+    Sets the offline flags of huggingface_hub and datasets (environment and the already
+    imported config modules) and lm-eval's DISABLE_MULTIPROC (bootstrap stderr in-process);
+    all are restored afterwards.
+    """
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
     saved_env = {k: os.environ.get(k) for k in env}
     patched: list[tuple[Any, str, Any]] = []
@@ -418,7 +427,8 @@ def evaluate_zero_shot(
 
     No subprocess, no reload from disk, no network. `tasks` are llmprune's names (see
     :data:`KNOWN_TASKS`; lm-eval's ``lambada_openai`` is accepted for ``lambada``), as a list
-    or one comma-separated string. `data_dir` holds ``<task>/<file>`` (None: ``$LLMPRUNE_DATA_DIR``).
+    or one comma-separated string. `data_dir` holds ``<task>/<file>`` (None:
+    ``$LLMPRUNE_DATA_DIR``).
     `limit` is lm-eval's (first N documents, or a fraction when < 1). `device`, when given, is
     where the model is moved for the run; it is moved back afterwards. `num_fewshot` > 0 draws
     shots from the scored split itself (no train splits are stored locally; lm-eval leaves out
