@@ -9,6 +9,8 @@ import llmprune
 from llmprune.calibration import observe, run_sequential
 from llmprune.config import PruneConfig
 from llmprune.models import find_blocks, linear_layers
+from llmprune.scorers import SCORERS, register_scorer
+from llmprune.scorers.wanda import Wanda
 
 from conftest import FAMILIES, calib_tokens, tiny_model
 
@@ -69,17 +71,21 @@ def test_block_i_is_calibrated_on_outputs_of_already_pruned_blocks():
 
     pruned_stats, dense_stats = q_input_sqnorm(model), q_input_sqnorm(dense)
 
-    # record what the pipeline sees when each block, once observed, is replaced by its pruned version
-    recorded = {}
+    # prune the dense copy again through prune() itself, with a Wanda that records the statistics it is given
+    recorded = []
 
-    def process(ctx):
-        layers = linear_layers(ctx.block)
-        with observe(ctx.block, layers, "sqnorm") as stats:
-            ctx.forward()
-        recorded[ctx.index] = stats["self_attn.q_proj"].sqnorm.clone()
-        ctx.block.load_state_dict(find_blocks(model).modules[ctx.index].state_dict())
+    @register_scorer("_recording_wanda")
+    class RecordingWanda(Wanda):
+        def prune(self, weight, stats, pattern, group):
+            recorded.append(stats.sqnorm.clone())
+            return super().prune(weight, stats, pattern, group)
 
-    run_sequential(dense, tokens, process, device=torch.device("cpu"), batch_size=4)
+    try:
+        llmprune.prune(dense, PruneConfig(method="_recording_wanda", sparsity=0.5), tokens)
+    finally:
+        SCORERS.unregister("_recording_wanda")
+    per_block = len(linear_layers(find_blocks(dense).modules[0]))
+    recorded = {i: recorded[i * per_block] for i in range(3)}  # q_proj comes first in each block
     torch.testing.assert_close(recorded[0], dense_stats[0])  # block 0 sees the embeddings either way
     for i in (1, 2):
         torch.testing.assert_close(recorded[i], pruned_stats[i], rtol=1e-4, atol=1e-4)

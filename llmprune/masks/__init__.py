@@ -18,7 +18,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-r
     (magnitude pruning, RIA). Ties are broken by position (stable sort), so masks are deterministic.
     """
     # scores: (out_features, in_features)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if group == "per-row":
         k = int(scores.shape[1] * sparsity)
         if k:
@@ -39,9 +39,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     out_f, in_f = scores.shape
     if in_f % m:
         raise LLMPruneError(f"N:M pattern {n}:{m} needs an input width divisible by {m}, got {in_f}")
-    groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M)
+    groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M), a copy if scores is a transposed view
     idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # the M-N lowest of each group
-    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
     mask.scatter_(-1, idx, True)
     return mask.reshape(out_f, in_f)
 

@@ -63,7 +63,7 @@ def sparsegpt_prune(
     (`per-layer`: across all rows, the reference; `per-row`: within each row) are pruned.
     N:M: every M columns, the M-N lowest saliencies of each row are pruned, using the already-updated weights.
     """
-    W = weight.float().clone()  # (out, in)
+    W = weight.float().clone(memory_format=torch.contiguous_format)  # (out, in)
     rows, cols = W.shape
     W[:, dead] = 0
     mask = torch.zeros_like(W, dtype=torch.bool)
