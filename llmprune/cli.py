@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import LLMPruneError
@@ -70,10 +71,15 @@ def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # our block bars too
     try:
+        import datasets
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" bars
+        datasets.disable_progress_bars()
     except Exception:  # noqa: BLE001
         pass
 

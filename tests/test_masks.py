@@ -32,10 +32,12 @@ def test_unstructured_count_is_floor_of_sparsity_times_size():
     assert unstructured_mask(s, 0.0, "per-layer").sum() == 0
 
 
-def test_ties_are_broken_by_position_deterministically():
-    s = torch.ones(2, 4)
+def test_ties_still_prune_exactly_k_and_repeatably():
+    s = torch.ones(3, 8)
     m = unstructured_mask(s, 0.5, "per-row")
-    assert torch.equal(m, torch.tensor([[True, True, False, False]] * 2))
+    assert (m.sum(1) == 4).all() and torch.equal(m, unstructured_mask(s, 0.5, "per-row"))
+    assert unstructured_mask(s, 0.5, "per-layer").sum() == 12
+    assert (nm_mask(s, 2, 4).reshape(3, 2, 4).sum(-1) == 2).all()
 
 
 def test_nm_2_4_keeps_two_largest_in_each_group_of_four():

@@ -11,23 +11,29 @@ from ..config import Pattern
 from ..errors import LLMPruneError
 
 
+def lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Indices of the k lowest scores along `dim` (unordered)."""
+    return torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row") -> torch.Tensor:
     """Prune the `int(sparsity * size)` lowest scores of each comparison group.
 
     `per-row`: each output row competes alone (Wanda's choice); `per-layer`: the whole matrix competes
-    (magnitude pruning, RIA). Ties are broken by position (stable sort), so masks are deterministic.
+    (magnitude pruning, RIA). Exactly k weights are pruned even with ties; `torch.topk` (several times faster
+    than a full sort) picks them, deterministically for a given input on a given device.
     """
     # scores: (out_features, in_features)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if group == "per-row":
         k = int(scores.shape[1] * sparsity)
         if k:
-            idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # (out, k)
+            idx = lowest_k(scores, k, dim=1)  # (out, k)
             mask.scatter_(1, idx, True)
     elif group == "per-layer":
         k = int(scores.numel() * sparsity)
         if k:
-            idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
+            idx = lowest_k(scores.reshape(-1), k, dim=0)
             mask.view(-1)[idx] = True
     else:
         raise LLMPruneError(f"unknown comparison group {group!r}; known: per-row, per-layer")
@@ -40,7 +46,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if in_f % m:
         raise LLMPruneError(f"N:M pattern {n}:{m} needs an input width divisible by {m}, got {in_f}")
     groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M), a copy if scores is a transposed view
-    idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # the M-N lowest of each group
+    idx = lowest_k(groups, m - n, dim=-1)  # the M-N lowest of each group
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
     mask.scatter_(-1, idx, True)
     return mask.reshape(out_f, in_f)
@@ -69,4 +75,4 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nz <= n).all())
 
 
-__all__ = ["unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]
+__all__ = ["lowest_k", "unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]

@@ -14,7 +14,7 @@ import torch
 
 from ..config import Pattern
 from ..errors import LLMPruneError
-from ..masks import apply_mask_
+from ..masks import apply_mask_, lowest_k
 from .base import LayerStats, PruneResult, Scorer, register_scorer
 
 log = logging.getLogger(__name__)
@@ -81,17 +81,17 @@ def sparsegpt_prune(
             if group == "per-layer":
                 k = int(sal.numel() * pattern.sparsity)
                 if k:
-                    mask1.view(-1)[torch.sort(sal.reshape(-1), stable=True).indices[:k]] = True
+                    mask1.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
             else:
                 k = int(count * pattern.sparsity)
                 if k:
-                    mask1.scatter_(1, torch.sort(sal, dim=1, stable=True).indices[:, :k], True)
+                    mask1.scatter_(1, lowest_k(sal, k, 1), True)
         n, m = pattern.n, pattern.m
         for i in range(count):
             w = W1[:, i]
             if pattern.kind == "nm" and i % m == 0:
                 sal = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)  # (out, M)
-                idx = torch.sort(sal, dim=1, stable=True).indices[:, : m - n]
+                idx = lowest_k(sal, m - n, 1)
                 mask1[:, i : i + m].scatter_(1, idx, True)
             q = w.masked_fill(mask1[:, i], 0.0)
             Q1[:, i] = q

@@ -1,0 +1,40 @@
+"""Reporting: results as JSON, Markdown tables and PNG plots generated from those results (never typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .plots import plot_layer_sparsity, plot_ppl_vs_sparsity
+from .tables import method_name, ppl_table, results_table
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON atomically: into a temporary file beside `path`, flushed to disk, then
+    renamed over it with os.replace, so readers see the old file or the new one, never half of one. Parent
+    folders are created; values JSON cannot hold are written with str(); non-finite floats follow Python's
+    json (NaN, Infinity). Returns the path."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, default=str) + "\n"  # fails before anything is written
+    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.debug("wrote %s", p)
+    return p
+
+
+__all__ = ["write_json", "results_table", "ppl_table", "method_name", "plot_ppl_vs_sparsity", "plot_layer_sparsity"]
