@@ -96,7 +96,8 @@ def _setting(record: Mapping) -> tuple[tuple, str]:
     if sparsity is None:
         sparsity = 0.0 if pattern == "dense" or str(record.get("method", "")).lower() == "dense" else None
     if not _is_number(sparsity) or not (0.0 <= float(sparsity) <= 1.0):
-        raise LLMPruneError(f"record sparsity must be a fraction in [0, 1], got {sparsity!r} ({record.get('method')!r})")
+        raise LLMPruneError(
+            f"record sparsity must be a fraction in [0, 1], got {sparsity!r} ({record.get('method')!r})")
     return (0, float(sparsity), 0), f"{100 * float(sparsity):g}%"
 
 
