@@ -13,7 +13,7 @@ import sys
 
 from .errors import LLMPruneError
 
-SUBCOMMANDS = ("prune",)
+SUBCOMMANDS = ("prune", "eval", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +59,8 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first N windows")
     g.add_argument("--eval-batch-size", type=int, default=1)
     g.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the model before pruning")
+    g.add_argument("--eval", dest="tasks", type=_csv, default=(), help="also evaluate the pruned model on these tasks (perplexity and lm-eval zero-shot names, see `eval --help`)")
+    g.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None, help="save the pruned model here (safetensors + tokenizer + llmprune.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
@@ -107,7 +109,7 @@ def cmd_prune(argv: list[str]) -> int:
         eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
                               batch_size=a.eval_batch_size, data_dir=a.data_dir)
     record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
-                           dtype=a.dtype, eval_dense=not a.skip_dense_eval)
+                           dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit)
     if a.json:
         print(json.dumps(record, indent=2, default=str))
     else:
@@ -133,9 +135,95 @@ def format_summary(record: dict) -> str:
                      + (f"dense {d['ppl']:.3f}" if d else "dense -") + " -> " + (f"pruned {p['ppl']:.3f}" if p else "-"))
     t = record["timings"]
     lines.append(f"prune time: {t['prune_total']:.1f} s (model load {t['load_model']:.1f} s)")
+    if record.get("evaluation"):
+        lines += ["", record["evaluation"]["table"]]
     if record.get("output_dir"):
         lines.append(f"saved: {record['output_dir']}")
     return "\n".join(lines)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="pruned output folder, Hub id, local folder or .gguf (default: the embedded SmolLM2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
+    p.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _positive_int_or_auto(v: str):
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {v!r}")
+    return n
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .evaluation.harness import known_tasks
+    from .pipeline import run_eval_job
+
+    p = _Parser(prog="python -m llmprune eval", description="Evaluate a model: perplexity and zero-shot accuracy.")
+    _add_common(p)
+    p.add_argument("--tasks", type=_csv, default=("wikitext2",), help=f"comma-separated, of: {', '.join(known_tasks())}")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity: only the first N windows")
+    p.add_argument("--batch-size", type=_positive_int_or_auto, default="auto")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
+    p.add_argument("--output", default=None, help="folder for results.json and results.md")
+    a = p.parse_args(argv)
+    _configure_logging(a.quiet)
+    rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
+                       dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output)
+    c = rec["compression"]
+    print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
+          f"{c['nonzero_params']:,} non-zero)")
+    if a.limit:
+        print(f"zero-shot: first {a.limit} examples per task")
+    print(rec["table"])
+    if rec.get("output_dir"):
+        print(f"saved: {rec['output_dir']}/results.json, results.md")
+    return 0
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from .config import CalibrationConfig
+    from .pipeline import run_sweep
+
+    p = _Parser(prog="python -m llmprune sweep", description="Prune and evaluate over methods, sparsities and patterns.")
+    _add_common(p)
+    p.add_argument("--methods", type=_csv, default=("magnitude", "wanda", "ria", "sparsegpt"))
+    p.add_argument("--sparsities", type=_csv, default=("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"))
+    p.add_argument("--patterns", type=_csv, default=("unstructured",))
+    p.add_argument("--tasks", type=_csv, default=("wikitext2",))
+    p.add_argument("--calib-data", default="c4")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-overlap", action="store_true")
+    p.add_argument("--eval-seqlen", type=int, default=None)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--output-dir", default="sweep")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    _configure_logging(a.quiet)
+    try:
+        sparsities = [float(x) for x in a.sparsities]
+    except ValueError:
+        raise LLMPruneError(f"--sparsities must be numbers, got {','.join(a.sparsities)}") from None
+    calib = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                              data_dir=a.data_dir, allow_overlap=a.allow_overlap)
+    data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or a.seqlen,
+                     max_windows=a.max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
+                     output_dir=a.output_dir, overwrite=a.overwrite)
+    print(data["table"])
+    for kind, path in data["files"].items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == cmd:
         argv = argv[1:]
     try:
-        return {"prune": cmd_prune}[cmd](argv)
+        return {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[cmd](argv)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2

@@ -37,9 +37,14 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
 
 def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: CalibrationConfig,
                   eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
-                  dtype: str = "auto", eval_dense: bool = True) -> dict:
+                  dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None) -> dict:
     """Load `model_spec`, prune it with `prune_cfg` on `calib_cfg` windows, report perplexity before and after,
-    and save it atomically to `output_dir` with llmprune.json. Returns that record."""
+    and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
+    tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record."""
+    if tasks:
+        from .evaluation.harness import split_tasks
+
+        split_tasks(tasks)
     if output_dir:
         check_output_dir(output_dir, overwrite)  # refuse before any work
     device = resolve_device(prune_cfg.device)
@@ -73,6 +78,17 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         after = evaluate_ppl(model, tokenizer, eval_cfg, device, ppl_cache)
         timings["eval_pruned"] = time.perf_counter() - t
 
+    evaluation = None
+    if tasks:
+        from .evaluation.harness import evaluate, results_markdown
+
+        t = time.perf_counter()
+        evaluation = evaluate(model, tokenizer, tasks, seqlen=eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
+                              limit=limit, device=device, data_dir=calib_cfg.data_dir,
+                              max_windows=eval_cfg.max_windows if eval_cfg else None)
+        evaluation["table"] = results_markdown([(f"{prune_cfg.method} {prune_cfg.pattern_spec.name}", evaluation)])
+        timings["eval_tasks"] = time.perf_counter() - t
+
     record = {
         "model": loaded.source,
         "architecture": type(model).__name__,
@@ -88,10 +104,129 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         "block_timings": report.block_timings,
         "peak_memory": report.peak_memory,
         "perplexity": {"dense": before, "pruned": after},
+        "evaluation": evaluation,
     }
     if output_dir:
         t = time.perf_counter()
-        path = save_pretrained_atomic(model, tokenizer, output_dir, {"llmprune.json": record}, overwrite=overwrite)
+        files = {"llmprune.json": record}
+        if evaluation is not None:
+            files["results.json"] = {"model": loaded.source, "pruning": record["config"], "results": evaluation,
+                                     "versions": record["versions"]}
+        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite)
+        if evaluation is not None:
+            (Path(path) / "results.md").write_text(evaluation["table"] + "\n")
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record
+
+
+# ---------------------------------------------------------------- evaluation and sweeps
+
+def _place_for_eval(model, device: torch.device) -> None:
+    """Move the whole model to `device` for evaluation, refusing clearly when it can't fit."""
+    from .errors import LLMPruneError
+
+    if device.type == "cuda":
+        need = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.9 * free:
+            raise LLMPruneError(
+                f"the model's weights ({need / 2**30:.1f} GiB) don't fit in {device}'s free memory "
+                f"({free / 2**30:.1f} GiB); use a smaller --dtype or --device cpu"
+            )
+    model.to(device)
+
+
+def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
+                 device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
+                 output_dir: str | None = None) -> dict:
+    """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md."""
+    from .evaluation.compression import compression_report
+    from .evaluation.harness import evaluate, results_markdown, split_tasks
+    from .reporting import write_json
+
+    split_tasks(tasks)  # unknown names fail before the model loads
+    dev = resolve_device(device)
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    model = loaded.model
+    prune_record = None
+    if model_spec and (Path(model_spec) / "llmprune.json").is_file():
+        import json
+
+        prune_record = json.loads((Path(model_spec) / "llmprune.json").read_text()).get("config")
+    _place_for_eval(model, dev)
+    t = time.perf_counter()
+    res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
+                   data_dir=data_dir, max_windows=max_windows)
+    record = {"model": loaded.source, "architecture": type(model).__name__, "pruning": prune_record,
+              "results": res, "compression": compression_report(model, seqlen=seqlen),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "limit": limit,
+              "wall_seconds": time.perf_counter() - t, "versions": package_versions()}
+    record["compression"].pop("layers", None)
+    record["table"] = results_markdown([(Path(loaded.source).name or loaded.source, res)])
+    if output_dir:
+        out = Path(output_dir)
+        write_json(out / "results.json", record)
+        (out / "results.md").write_text(record["table"] + "\n")
+        record["output_dir"] = str(out)
+    return record
+
+
+def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
+              eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
+              dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False) -> dict:
+    """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
+    table and plots. Calibration windows and evaluation texts are loaded once and shared by all points."""
+    import copy
+
+    from .evaluation.harness import evaluate, split_tasks
+    from .reporting import plot_layer_sparsity, plot_ppl_vs_sparsity, ppl_table, write_json
+
+    out = check_output_dir(output_dir, overwrite)
+    split_tasks(tasks)
+    points = []
+    for method in methods:
+        SCORERS.get(method)
+        for pattern in patterns:
+            for s in (sparsities if pattern == "unstructured" else [None]):
+                PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
+                points.append((method, pattern, s))
+    dev = resolve_device(device)
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    dense_model, tok = loaded.model, loaded.tokenizer
+    calibration = None
+    if any(SCORERS.get(m).needs != "none" for m in methods):
+        calibration = load_calibration(calib_cfg, tok, vocab_size=dense_model.get_input_embeddings().weight.shape[0])
+    records = [{"method": "dense", "pattern": "unstructured", "sparsity": 0.0,
+                "results": evaluate(dense_model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev,
+                                    data_dir=calib_cfg.data_dir, max_windows=max_windows)}]
+    for method, pattern, s in points:
+        model = copy.deepcopy(dense_model)
+        cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device)
+        rep = prune(model, cfg, calibration)
+        res = evaluate(model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev, data_dir=calib_cfg.data_dir,
+                       max_windows=max_windows)
+        records.append({"method": method, "pattern": pattern, "sparsity": rep.sparsity if s is None else s,
+                        "measured_sparsity": rep.sparsity, "group": cfg.group, "prune_seconds": rep.timings["prune_total"],
+                        "layer_sparsity": rep.layer_sparsity, "results": res})
+        del model
+    for r in records:
+        r["ppl"] = {k: v["ppl"] for k, v in r["results"]["perplexity"].items()}
+    data = {"model": loaded.source, "calibration": calibration.to_dict() if calibration else None,
+            "config": {"methods": list(methods), "sparsities": list(sparsities), "patterns": list(patterns),
+                       "tasks": list(tasks), "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit,
+                       "calibration": calib_cfg.to_dict()},
+            "records": records, "versions": package_versions()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", data)
+    table = ppl_table(records) if any(r["ppl"] for r in records) else ""
+    (out / "sweep.md").write_text(table + "\n")
+    files = {"json": str(out / "sweep.json"), "table": str(out / "sweep.md")}
+    if any(r["ppl"] for r in records):
+        ds = next(iter(records[0]["ppl"]))
+        files["plot_ppl"] = str(plot_ppl_vs_sparsity(records, out / f"ppl_vs_sparsity_{ds}.png", dataset=ds))
+    last = next((r for r in reversed(records) if r.get("layer_sparsity")), None)
+    if last is not None:
+        files["plot_layers"] = str(plot_layer_sparsity(last["layer_sparsity"], out / "layer_sparsity.png"))
+    data["files"], data["table"] = files, table
+    return data

@@ -10,7 +10,8 @@ from .base import BlockScorer, register_block_scorer
 
 
 def token_cosine(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity per token, in float32: (..., hidden) x (..., hidden) -> (...)."""
+    """Cosine similarity per token, in float32: (..., hidden) x (..., hidden) -> (...); a zero vector (e.g.
+    Gemma's padding embedding) has cosine 0."""
     a, b = x_in.float(), x_out.float()
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 

@@ -15,7 +15,7 @@ from ..errors import LLMPruneError
 from ..models import find_blocks, linear_layers, resolve_device, weight_oi
 from .base import BLOCK_SCORERS, BlockScorer
 from .config import BlockPruneConfig
-from .removal import check_removable, normalize_indices, remove_blocks
+from .removal import check_removable, normalize_indices, num_params, remove_blocks
 from .select import lowest_blocks, select_iteratively
 from .states import boundary_totals, skip_totals
 
@@ -85,10 +85,6 @@ def forward_flops_per_token(model: nn.Module) -> int:
     return 2 * weights
 
 
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @torch.no_grad()
 def prune_blocks(model: nn.Module, config: BlockPruneConfig, calibration_tokens) -> dict:
     """Remove `config`'s number of blocks from `model`, in place, the least important first.
@@ -110,7 +106,7 @@ def prune_blocks(model: nn.Module, config: BlockPruneConfig, calibration_tokens)
     tokens = _check_tokens(model, calibration_tokens)
     device = resolve_device(config.device)
     batch_size = config.batch_size or auto_batch_size(tokens)
-    params_before, flops_before = _num_params(model), forward_flops_per_token(model)
+    params_before, flops_before = num_params(model), forward_flops_per_token(model)
     t0 = time.perf_counter()
     timings = {"scoring": 0.0, "removal": 0.0}
     changes: list[dict] = []
@@ -157,7 +153,7 @@ def prune_blocks(model: nn.Module, config: BlockPruneConfig, calibration_tokens)
         "removal_order": order,
         "kept": [i for i in range(n) if i not in set(removed)],
         "params_before": params_before,
-        "params_after": _num_params(model),
+        "params_after": num_params(model),
         "flops_per_token_before": flops_before,
         "flops_per_token_after": forward_flops_per_token(model),
         "config_updates": config_updates,

@@ -9,8 +9,8 @@ Config fields rewritten (on the text config), when present:
 * every top-level list as long as the old layer count (`layer_types` of Gemma 2/3, Qwen 2/3, Mistral-style
   sliding windows, `mlp_layer_types`, Llama 4 `no_rope_layers`...): the removed entries are dropped;
 * lists of layer indices (`mlp_only_layers`, `moe_layers`): removed indices dropped, the others renumbered;
-* "the first n layers" counts (`max_window_layers`, `first_k_dense_replace`): n becomes the number of kept
-  blocks among the first n.
+* "the first m layers" counts (`max_window_layers`, `first_k_dense_replace`) below the layer count: m becomes
+  the number of kept blocks among the first m.
 
 Token-id lists (`eos_token_id`...) and `architectures` are never treated as per-layer. Before anything changes,
 a model built from the rewritten config on the meta device must have exactly the parameter names and shapes
@@ -92,8 +92,8 @@ def plan_config_updates(cfg, n: int, kept: list[int]) -> dict[str, tuple]:
         value = getattr(cfg, key, data[key])
         if key in INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
             updates[key] = (value, type(value)(new_index[i] for i in value if i in new_index))
-        elif key in PREFIX_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
-            updates[key] = (value, sum(1 for i in kept if i < value))
+        elif key in PREFIX_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool) and value < n:
+            updates[key] = (value, sum(1 for i in kept if i < value))  # a count >= n covers every block: kept
         elif _is_per_layer_list(key, value, n):
             updates[key] = (value, type(value)(value[i] for i in kept))
     return {k: v for k, v in updates.items() if v[0] != v[1]}
@@ -144,7 +144,8 @@ def check_reloadable(model: nn.Module, blocks: Blocks, kept: list[int], updates:
 
 
 
-def _num_params(model: nn.Module) -> int:
+def num_params(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -162,7 +163,7 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> dict:
     kept = [i for i in range(n) if i not in set(removed)]
     cfg = text_config_of(model.config)
     updates = plan_config_updates(cfg, n, kept)
-    params_before = _num_params(model)
+    params_before = num_params(model)
     if removed:
         check_reloadable(model, blocks, kept, updates)
         for i in reversed(removed):
@@ -175,5 +176,5 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> dict:
         log.info("removed blocks %s of %d; config: %s", removed, n,
                  ", ".join(f"{k} {b!r} -> {a!r}" for k, (b, a) in updates.items()))
     return {"removed": removed, "kept": kept, "num_blocks_before": n, "num_blocks_after": len(kept),
-            "params_before": params_before, "params_after": _num_params(model),
+            "params_before": params_before, "params_after": num_params(model),
             "config_updates": {k: {"before": b, "after": a} for k, (b, a) in updates.items()} if removed else {}}

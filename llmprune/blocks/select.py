@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Sequence
 
+from ..errors import LLMPruneError
+
 
 def _key(scores: Sequence[float], i: int) -> tuple[float, int]:
     s = float(scores[i])
@@ -17,7 +19,7 @@ def lowest_blocks(scores: Sequence[float], k: int, protect: Iterable[int] = ()) 
     protected = set(protect)
     candidates = [i for i in range(len(scores)) if i not in protected]
     if k > len(candidates):
-        raise ValueError(f"cannot choose {k} blocks among {len(candidates)} candidates")
+        raise LLMPruneError(f"cannot remove {k} blocks: only {len(candidates)} are not protected")
     return sorted(sorted(candidates, key=lambda i: _key(scores, i))[:k])
 
 

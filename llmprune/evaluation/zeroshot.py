@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import LLMPruneError
+
 __all__ = [
     "KNOWN_TASKS",
     "DATA_DIR_ENV",
@@ -57,7 +59,7 @@ TASKS_DIR = Path(__file__).resolve().with_name("tasks")
 _BOOTSTRAP_ITERS = 1000
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(LLMPruneError):
     """A zero-shot request that cannot be run as given (unknown task, missing local data)."""
 
 

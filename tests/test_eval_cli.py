@@ -1,0 +1,78 @@
+"""`llmprune eval`, `--eval` on the prune command, and `llmprune sweep` on a tiny model."""
+
+import json
+import math
+
+import pytest
+
+from llmprune.cli import main
+
+from conftest import data_dir
+
+
+def test_eval_writes_results_json_and_wanda_style_table(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2,arc_easy", "--seqlen", "32",
+               "--max-windows", "3", "--limit", "4", "--data-dir", str(data_dir()), "--output", str(out), "-q"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| Method | ARC-e | Mean |" in printed and "WikiText-2 ppl" in printed
+    rec = json.loads((out / "results.json").read_text())
+    ppl = rec["results"]["perplexity"]["wikitext2"]
+    assert ppl["seqlen"] == 32 and ppl["windows"] == 3 and math.isfinite(ppl["ppl"]) and ppl["tokens_per_s"] > 0
+    arc = rec["results"]["zero_shot"]["tasks"]["arc_easy"]
+    assert arc["n"] == 4 and 0 <= arc["acc"] <= 1 and arc["acc_norm"] is not None
+    assert rec["results"]["zero_shot"]["lm_eval_version"]
+    assert rec["compression"]["total_params"] > 0 and rec["versions"]["torch"]
+    assert (out / "results.md").read_text().startswith("| Method |")
+
+
+def test_unknown_task_lists_known_ones(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "arc_easyy"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'arc_easy'" in err and "wikitext2" in err and "hellaswag" in err
+
+
+def test_missing_local_data_says_where(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "boolq", "--data-dir", str(empty), "-q"]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+def test_prune_with_eval_saves_results_beside_the_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    rc = main(["--model", str(tiny_model_dir), "--method", "wanda", "--nsamples", "4", "--seqlen", "32",
+               "--data-dir", str(data_dir()), "--eval-ppl", "none", "--eval", "rte", "--limit", "3",
+               "--output-dir", str(out), "-q"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["results"]["zero_shot"]["tasks"]["rte"]["n"] == 3
+    assert res["pruning"]["prune"]["method"] == "wanda"
+    assert "| wanda unstructured |" in (out / "results.md").read_text()
+
+
+def test_sweep_writes_one_results_file_a_table_and_plots(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--model", str(tiny_model_dir), "--methods", "magnitude,wanda", "--sparsities", "0.2,0.6",
+               "--patterns", "unstructured,2:4", "--nsamples", "4", "--seqlen", "32", "--max-windows", "2",
+               "--data-dir", str(data_dir()), "--output-dir", str(out), "-q"])
+    assert rc == 0
+    data = json.loads((out / "sweep.json").read_text())
+    points = {(r["method"], r["pattern"], r["sparsity"]) for r in data["records"]}
+    assert ("wanda", "unstructured", 0.6) in points and ("magnitude", "2:4", 0.5) in points
+    assert len(data["records"]) == 1 + 2 * 3
+    table = (out / "sweep.md").read_text()
+    assert "Wanda" in table and "2:4" in table and "60%" in table
+    for png in ("ppl_vs_sparsity_wikitext2.png", "layer_sparsity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in data["records"][1:]:
+        assert r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01)
+        assert math.isfinite(r["ppl"]["wikitext2"])
+
+
+def test_sweep_bad_point_fails_before_loading(tiny_model_dir, tmp_path, capsys):
+    assert main(["sweep", "--model", str(tiny_model_dir), "--sparsities", "0.5,1.2",
+                 "--output-dir", str(tmp_path / "s")]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
