@@ -36,7 +36,10 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
     g.add_argument("--device", default="auto", help="where blocks are processed: auto, cpu, cuda, cuda:N")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default="wanda", help=f"one of: {', '.join(SCORERS.names())}")
+    from .blocks import BLOCK_SCORERS
+
+    g.add_argument("--method", default="wanda",
+                   help=f"weight method ({', '.join(SCORERS.names())}) or block method ({', '.join(BLOCK_SCORERS.names())})")
     g.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1) (default 0.5; implied by N:M)")
     g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
     g.add_argument("--comparison-group", default=None, choices=None,
@@ -46,6 +49,13 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsegpt-percdamp", type=float, default=0.01)
     g.add_argument("--batch-size", type=int, default=None, help="calibration windows per block forward (default: ~16k tokens)")
     g.add_argument("--offload-activations", default="auto", help="auto, cpu or device: where calibration activations live")
+    g = p.add_argument_group("block removal")
+    g.add_argument("--drop-blocks", type=int, default=None, help="number of whole blocks to remove")
+    g.add_argument("--drop-ratio", type=float, default=None, help="fraction of blocks to remove, e.g. 0.25")
+    g.add_argument("--block-method", default=None,
+                   help="block scorer used with --drop-blocks when --method is a weight method (default block-influence)")
+    g.add_argument("--protect-blocks", type=_csv, default=(), help="block indices never removed, e.g. 0,-1")
+    g.add_argument("--iterative", action="store_true", help="remove one block at a time and rescore")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-data", default="c4", help="c4, wikitext2, a .txt/.jsonl/.parquet file, or a .pt/.safetensors/.npy token tensor")
     g.add_argument("--nsamples", type=int, default=128)
@@ -92,10 +102,28 @@ def cmd_prune(argv: list[str]) -> int:
 
     a = build_prune_parser().parse_args(argv)
     _configure_logging(a.quiet)
-    prune_cfg = PruneConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern,
-                            comparison_group=a.comparison_group, ria_alpha=a.ria_alpha,
-                            sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
-                            device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
+    from .blocks import BLOCK_SCORERS, BlockPruneConfig
+    from .registry import unknown_name_message
+    from .scorers import SCORERS
+
+    is_block = a.method in BLOCK_SCORERS
+    if not is_block and a.method not in SCORERS:
+        raise LLMPruneError(unknown_name_message("method", a.method, SCORERS.names() + BLOCK_SCORERS.names()))
+    block_cfg = None
+    if is_block or a.drop_blocks is not None or a.drop_ratio is not None:
+        if a.drop_blocks is None and a.drop_ratio is None:
+            raise LLMPruneError(f"method {a.method} removes blocks: give --drop-blocks K or --drop-ratio R")
+        try:
+            protect = tuple(int(x) for x in a.protect_blocks)
+        except ValueError:
+            raise LLMPruneError(f"--protect-blocks takes block indices, got {','.join(a.protect_blocks)}") from None
+        block_cfg = BlockPruneConfig(method=a.method if is_block else (a.block_method or "block-influence"),
+                                     num_blocks=a.drop_blocks, ratio=a.drop_ratio, protect=protect,
+                                     iterative=a.iterative, device=a.device, batch_size=a.batch_size)
+    prune_cfg = None if is_block else PruneConfig(
+        method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
+        ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
+        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap)
     eval_cfg = None
@@ -109,7 +137,8 @@ def cmd_prune(argv: list[str]) -> int:
         eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
                               batch_size=a.eval_batch_size, data_dir=a.data_dir)
     record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
-                           dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit)
+                           dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
+                           block_cfg=block_cfg)
     if a.json:
         print(json.dumps(record, indent=2, default=str))
     else:
@@ -119,10 +148,15 @@ def cmd_prune(argv: list[str]) -> int:
 
 def format_summary(record: dict) -> str:
     cfg = record["config"]["prune"]
-    pat = cfg["pattern"]
-    lines = [f"model: {record['model']} ({record['architecture']})",
-             f"method: {cfg['method']} {pat}" + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
-             + f" -> {100 * record['sparsity']:.2f} % of block weights are zero"]
+    lines = [f"model: {record['model']} ({record['architecture']})"]
+    if record.get("blocks"):
+        b = record["blocks"]
+        lines.append(f"blocks: {record['config']['blocks']['method']} removed {sorted(b['removed'])} "
+                     f"(scoring {b['timings']['scoring']:.1f} s); parameters {b['params_before']:,} -> {b['params_after']:,}")
+    if cfg:
+        lines.append(f"method: {cfg['method']} {cfg['pattern']}"
+                     + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
+                     + f" -> {100 * record['sparsity']:.2f} % of block weights are zero")
     if record.get("calibration"):
         c = record["calibration"]
         lines.append(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['description']} (sha256 {c['token_sha256'][:12]})")

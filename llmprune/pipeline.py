@@ -35,10 +35,12 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
     return out
 
 
-def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: CalibrationConfig,
+def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
                   eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
-                  dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None) -> dict:
-    """Load `model_spec`, prune it with `prune_cfg` on `calib_cfg` windows, report perplexity before and after,
+                  dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
+                  block_cfg=None) -> dict:
+    """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
+    `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
     tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record."""
     if tasks:
@@ -47,7 +49,11 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         split_tasks(tasks)
     if output_dir:
         check_output_dir(output_dir, overwrite)  # refuse before any work
-    device = resolve_device(prune_cfg.device)
+    if prune_cfg is None and block_cfg is None:
+        from .errors import LLMPruneError
+
+        raise LLMPruneError("nothing to do: give a weight method, a block method, or both")
+    device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
     t = time.perf_counter()
     loaded = load_model(model_spec, torch_dtype)
@@ -56,8 +62,12 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
     log.info("loaded %s (%s, %d blocks) in %.1f s", loaded.source, type(model).__name__,
              model.config.get_text_config().num_hidden_layers, timings["load_model"])
 
+    if block_cfg is not None:
+        from .models import find_blocks
+
+        block_cfg.blocks_to_remove(len(find_blocks(model)))  # refuse K >= blocks before any work
     calibration = None
-    if SCORERS.get(prune_cfg.method).needs != "none":
+    if block_cfg is not None or SCORERS.get(prune_cfg.method).needs != "none":
         t = time.perf_counter()
         vocab = model.get_input_embeddings().weight.shape[0]
         calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab)
@@ -70,8 +80,19 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         before = evaluate_ppl(model, tokenizer, eval_cfg, device, ppl_cache)
         timings["eval_dense"] = time.perf_counter() - t
 
-    report = prune(model, prune_cfg, calibration)
-    timings.update(report.timings)
+    block_report = None
+    if block_cfg is not None:
+        from .blocks import prune_blocks
+
+        block_report = prune_blocks(model, block_cfg, calibration)
+        timings["block_scoring"] = block_report["timings"]["scoring"]
+        timings["block_total"] = block_report["timings"]["total"]
+    report = None
+    if prune_cfg is not None:
+        report = prune(model, prune_cfg, calibration)
+        timings.update(report.timings)
+    else:
+        timings["prune_total"] = block_report["timings"]["total"]
 
     if eval_cfg is not None and eval_cfg.datasets:
         t = time.perf_counter()
@@ -86,23 +107,25 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         evaluation = evaluate(model, tokenizer, tasks, seqlen=eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
                               limit=limit, device=device, data_dir=calib_cfg.data_dir,
                               max_windows=eval_cfg.max_windows if eval_cfg else None)
-        evaluation["table"] = results_markdown([(f"{prune_cfg.method} {prune_cfg.pattern_spec.name}", evaluation)])
+        evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
     record = {
         "model": loaded.source,
         "architecture": type(model).__name__,
-        "config": {"prune": prune_cfg.to_dict(), "calibration": calib_cfg.to_dict(),
+        "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
+                   "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
                    "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(torch_dtype).removeprefix("torch.")},
-        "calibration": report.calibration,
+        "calibration": calibration.to_dict() if calibration is not None else None,
         "seed": calib_cfg.seed,
         "versions": package_versions(),
-        "device": report.device,
-        "sparsity": report.sparsity,
-        "layer_sparsity": report.layer_sparsity,
+        "device": str(device),
+        "blocks": block_report,
+        "sparsity": report.sparsity if report else 0.0,
+        "layer_sparsity": report.layer_sparsity if report else {},
         "timings": timings,
-        "block_timings": report.block_timings,
-        "peak_memory": report.peak_memory,
+        "block_timings": report.block_timings if report else [],
+        "peak_memory": report.peak_memory if report else None,
         "perplexity": {"dense": before, "pruned": after},
         "evaluation": evaluation,
     }
@@ -115,9 +138,22 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig, calib_cfg: Cal
         path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite)
         if evaluation is not None:
             (Path(path) / "results.md").write_text(evaluation["table"] + "\n")
+        if block_report is not None:
+            from .blocks import plot_block_scores
+
+            plot_block_scores(block_report, Path(path) / "block_scores.png")
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record
+
+
+def _label(prune_cfg, block_cfg) -> str:
+    parts = []
+    if block_cfg is not None:
+        parts.append(f"{block_cfg.method} -{block_cfg.num_blocks if block_cfg.num_blocks is not None else block_cfg.ratio}")
+    if prune_cfg is not None:
+        parts.append(f"{prune_cfg.method} {prune_cfg.pattern_spec.name}")
+    return " + ".join(parts)
 
 
 # ---------------------------------------------------------------- evaluation and sweeps

@@ -106,3 +106,38 @@ def test_default_gguf_model_saves_as_plain_safetensors(tmp_path, capsys):
     q = model.model.layers[3].self_attn.q_proj.weight
     assert float((q == 0).float().mean()) == pytest.approx(0.5, abs=0.05)
     assert (out / "tokenizer.json").is_file()
+
+
+def test_block_removal_then_wanda_2_4_in_one_run(tmp_path, capsys):
+    from conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    d = tmp_path / "tiny4"
+    tiny_model("qwen3", vocab_size=len(tok), num_hidden_layers=4).save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "out"
+    rc = main(_args(d, out, "--method", "wanda", "--pattern", "2:4", "--drop-blocks", "2",
+                    "--block-method", "block-influence", "--protect-blocks", "0,-1"))
+    assert rc == 0
+    rec = json.loads((out / "llmprune.json").read_text())
+    assert sorted(rec["blocks"]["removed"]) == [1, 2] and len(rec["blocks"]["scores"]) == 4
+    assert rec["config"]["blocks"]["method"] == "block-influence" and rec["config"]["prune"]["pattern"] == "2:4"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    for name, p in model.named_parameters():
+        if "layers" in name and p.dim() == 2:
+            assert check_nm(p, 2, 4), name
+    assert (out / "block_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "block-ppl"], "give --drop-blocks K or --drop-ratio R"),
+    (["--method", "block-ppl", "--drop-blocks", "2"], "at least one must stay"),
+    (["--method", "block-kl", "--drop-blocks", "1", "--protect-blocks", "0,1"], "not protected"),
+    (["--method", "block-influense", "--drop-blocks", "1"], "did you mean 'block-influence'"),
+])
+def test_block_bad_input(tiny_model_dir, tmp_path, capsys, extra, message):
+    assert main(_args(tiny_model_dir, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
