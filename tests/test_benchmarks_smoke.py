@@ -15,15 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script, outputs", [
     ("cpu_quality_speed.py", ["smoke_cpu_smollm2_quality.json", "smoke_cpu_smollm2_wanda_speed.json"]),
     ("cpu_blocks.py", ["smoke_cpu_smollm2_blocks.json"]),
+    ("gpu_bench.py", ["smoke_gpu_ppl_throughput_tiny.json", "smoke_gpu_prune_tiny.json"]),
 ])
 def test_benchmark_smoke_mode(script, outputs, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path),
-                        "--data-dir", str(data_dir())], capture_output=True, text=True, timeout=600,
+    args = ["ppl", "prune"] if script == "gpu_bench.py" else ["--data-dir", str(data_dir())]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     for name in outputs:
         data = json.loads((tmp_path / name).read_text())
         assert data["environment"]["versions"]["torch"]
+    if script == "gpu_bench.py":
+        rows = json.loads((tmp_path / outputs[1]).read_text())["rows"]
+        assert {(r["method"], r["pattern"]) for r in rows} == {(m, p) for m in ("magnitude", "wanda", "ria", "sparsegpt")
+                                                               for p in ("unstructured", "2:4")}
     if script == "cpu_quality_speed.py":
         q = json.loads((tmp_path / outputs[0]).read_text())
         assert {(row["method"], row["pattern"]) for row in q["rows"]} >= {("wanda", "2:4"), ("sparsegpt", "unstructured")}
