@@ -52,7 +52,66 @@ def speed_table(data: dict) -> str:
     ])
 
 
+def eval_table(data: dict) -> str:
+    c = data["ppl_check"]
+    return "\n".join([
+        f"Dense WikiText-2 perplexity (seqlen {c['seqlen']}, first {c['windows']} windows): harness "
+        f"{c['harness']:.4f}, independent plain loop (transformers' own `labels=` loss) {c['plain_loop']:.4f}; "
+        f"equal to 4 significant digits: {'yes' if c['equal_to_4_significant_digits'] else 'NO'}.", "",
+        f"Zero-shot accuracy (%, lm-eval `acc`, 0-shot, **first {data['zero_shot_limit']} examples of each task**, "
+        f"local task files; CPU, float32; `benchmarks/results/cpu_smollm2_eval.json`):", "",
+        data["table"]])
+
+
+def blocks_table(data: dict) -> str:
+    out = [f"{data['model']}, {data['num_blocks']} blocks; scores on {data['calibration']['nsamples']} x "
+           f"{data['calibration']['seqlen']} C4 tokens; WikiText-2 perplexity, seqlen {data['eval']['seqlen']}, first "
+           f"{data['eval']['windows']} windows (dense {data['dense_wikitext2']:.2f}); {data['selection']} "
+           f"(`benchmarks/results/cpu_smollm2_blocks.json`).", "",
+           "| Scorer | K | Blocks removed | WikiText-2 ppl | Scoring time (s) |", "|---|---:|---|---:|---:|"]
+    for r in data["rows"]:
+        out.append(f"| {r['method']} | {r['k']} | {', '.join(map(str, r['removed']))} | {r['wikitext2']:.2f} | "
+                   f"{r['scoring_seconds']:.1f} |")
+    return "\n".join(out)
+
+
+def gpu_ppl_table(data: dict) -> str:
+    env = data["environment"]
+    return "\n".join([
+        f"{env['device']}, torch {env['versions']['torch']}, CUDA {env['torch_cuda']}; bf16 matmul measured in the same "
+        f"run: {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (`benchmarks/results/gpu_ppl_throughput_llama2-7b.json`).",
+        "", "| Model shape | Tokens | Batch | Tokens/s | Floor tokens/s (2 x params x tokens) | Fraction of floor | Target |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| {data['shape']} (random weights, bf16) | {data['tokens']:,} ({data['windows']} x {data['seqlen']}) | "
+        f"{data['batch_size']} | {data['tokens_per_s']:,.0f} | {data['floor_tokens_per_s']:,.0f} | "
+        f"{100 * data['fraction_of_floor_rate']:.1f} % | >= {100 * data['target_fraction']:.0f} % |"])
+
+
+def gpu_prune_table(data: dict, extra: dict | None = None) -> str:
+    env = data["environment"]
+    rows = data["rows"] + (extra["rows"] if extra else [])
+    out = [f"{env['device']}, bf16, Llama-2-7B shape (random weights), 128 x 2048 random calibration tokens, blocks in "
+           f"host memory moved to the GPU one at a time; floor = two forward passes (linear layers and attention) at "
+           f"the measured {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s. Rows marked * ran on the first 4 of the "
+           f"32 blocks (same per-block shapes): wall time and floor are both for those 4 blocks.", "",
+           "| Method | Pattern | Wall (s) | Floor (s) | x floor | Calibrate / prune / propagate (s) | Peak GPU (GiB) |",
+           "|---|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        t = r["timings"]
+        star = "*" if r.get("layers", 32) != 32 else ""
+        out.append(f"| {r['method']}{star} | {r['pattern']} | {r['wall_seconds']:.1f} | {r['floor_seconds']:.1f} | "
+                   f"{r['ratio_to_floor']:.2f} | {t['calibrate']:.1f} / {t['prune']:.1f} / {t['propagate']:.1f} | "
+                   f"{(r['peak_gpu_bytes'] or 0) / 2**30:.2f} |")
+    return "\n".join(out)
+
+
 SECTIONS = {
+    "cpu-eval": ("cpu_smollm2_eval.json", eval_table),
+    "cpu-blocks": ("cpu_smollm2_blocks.json", blocks_table),
+    "gpu-ppl": ("gpu_ppl_throughput_llama2-7b.json", gpu_ppl_table),
+    "gpu-prune": ("gpu_prune_llama2-7b.json",
+                  lambda d: gpu_prune_table(d, json.loads((RESULTS / "gpu_prune_llama2-7b_4blocks.json").read_text())
+                                            if (RESULTS / "gpu_prune_llama2-7b_4blocks.json").is_file() else None)),
     "cpu-quality": ("cpu_smollm2_quality.json", quality_table),
     "cpu-speed": ("cpu_smollm2_wanda_speed.json", speed_table),
 }

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
 from .config import PruneConfig
 from .errors import LLMPruneError
-from .evaluation.sparsity import sparsity_summary
 from .masks import apply_mask_
 from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
 from .scorers import SCORERS, Scorer
@@ -62,7 +61,9 @@ def _check_prunable(model: nn.Module, config: PruneConfig) -> None:
                     )
 
 
-def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, config: PruneConfig) -> None:
+def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, config: PruneConfig,
+                  prefix: str, zeros: dict[str, tuple[int, int]]) -> None:
+    """Prune each layer of one block; record (zeros, size) per layer, counted on the block's device."""
     pattern, group = config.pattern_spec, config.group
     for name, layer in layers.items():
         w = weight_oi(layer)  # (out, in), a view into the parameter
@@ -70,6 +71,7 @@ def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, con
         if result.weight is not None:
             w.copy_(result.weight.to(w.dtype))
         apply_mask_(w, result.mask)
+        zeros[f"{prefix}.{name}"] = (int((w == 0).sum()), w.numel())
 
 
 def _peak_host_memory() -> int | None:
@@ -99,6 +101,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     t0 = time.perf_counter()
     block_timings: list[dict[str, float]] = []
     need = scorer.needs
+    zeros: dict[str, tuple[int, int]] = {}
+    blocks_path = find_blocks(model).path
 
     if need == "none":
         blocks = find_blocks(model)
@@ -107,7 +111,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             block = blocks[i]
             home = next(block.parameters()).device
             block.to(device)
-            _prune_layers(scorer, linear_layers(block), {}, config)
+            _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
             block.to(home)
             block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
     else:
@@ -128,7 +132,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
                 torch.cuda.synchronize(device)
             ctx.timings["calibrate"] = time.perf_counter() - t
             t = time.perf_counter()
-            _prune_layers(scorer, layers, stats, config)
+            _prune_layers(scorer, layers, stats, config, f"{blocks_path}.{ctx.index}", zeros)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ctx.timings["prune"] = time.perf_counter() - t
@@ -136,8 +140,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
                                        offload_activations=config.offload_activations, desc=config.method)
     total = time.perf_counter() - t0
-    summary = sparsity_summary(model)
-    layer_sp, overall = summary["layers"], summary["block_linear_sparsity"]
+    layer_sp = {k: z / n for k, (z, n) in zeros.items()}
+    overall = sum(z for z, _ in zeros.values()) / max(1, sum(n for _, n in zeros.values()))
     timings = {"prune_total": total}
     for key in ("calibrate", "prune", "propagate"):
         timings[key] = sum(bt.get(key, 0.0) for bt in block_timings)
