@@ -208,10 +208,12 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=_positive_int_or_auto, default="auto")
     p.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
     p.add_argument("--output", default=None, help="folder for results.json and results.md")
+    p.add_argument("--compile", action="store_true", help="perplexity through torch.compile (GPU; pays off on long runs)")
     a = p.parse_args(argv)
     _configure_logging(a.quiet)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
-                       dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output)
+                       dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output,
+                       compile=a.compile)
     c = rec["compression"]
     print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
           f"{c['nonzero_params']:,} non-zero)")

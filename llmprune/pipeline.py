@@ -175,7 +175,7 @@ def _place_for_eval(model, device: torch.device) -> None:
 
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
-                 output_dir: str | None = None) -> dict:
+                 output_dir: str | None = None, compile: bool = False) -> dict:
     """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md."""
     from .evaluation.compression import compression_report
     from .evaluation.harness import evaluate, results_markdown, split_tasks
@@ -193,7 +193,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     _place_for_eval(model, dev)
     t = time.perf_counter()
     res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
-                   data_dir=data_dir, max_windows=max_windows)
+                   data_dir=data_dir, max_windows=max_windows, compile=compile)
     record = {"model": loaded.source, "architecture": type(model).__name__, "pruning": prune_record,
               "results": res, "compression": compression_report(model, seqlen=seqlen),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "limit": limit,

@@ -47,7 +47,7 @@ def _auto_ppl_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_size: int | str = "auto",
              limit: int | None = None, device: str | torch.device | None = None, data_dir=None,
-             max_windows: int | None = None) -> dict:
+             max_windows: int | None = None, compile: bool = False) -> dict:
     """Evaluate `model` on perplexity datasets (wikitext2, c4) and zero-shot tasks (lm-eval names).
 
     `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows. The model stays where it is
@@ -59,8 +59,8 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
         bs = _auto_ppl_batch(model, seqlen, dev) if batch_size == "auto" else int(batch_size)
         for name in ppl_names:
             ids, where = load_eval_tokens(name, tokenizer, data_dir, seqlen)
-            r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows)
-            r.update(source=where, batch_size=bs)
+            r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile)
+            r.update(source=where, batch_size=bs, compiled=compile)
             results["perplexity"][name] = r
             log.info("%s: perplexity %.3f (%d windows of %d, %.0f tokens/s)", name, r["ppl"], r["windows"], seqlen,
                      r["tokens_per_s"] or 0)

@@ -45,29 +45,36 @@ def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, s
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
-               device: str | torch.device | None = None, max_windows: int | None = None) -> dict:
+               device: str | torch.device | None = None, max_windows: int | None = None,
+               compile: bool = False) -> dict:
     """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
 
-    Logits are upcast to float32 for the loss; returns the protocol with the number."""
+    Logits are upcast to float32 for the loss; returns the protocol with the number. Batches are made equal in
+    size (so a compiled forward sees one shape); `compile=True` runs the forward through `torch.compile`."""
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)
     if nwin == 0:
         raise LLMPruneError(f"the evaluation text ({ids.numel()} tokens) is shorter than one window of {seqlen}")
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    batch_size = max(1, min(batch_size, nwin))
+    batch_size = -(-nwin // -(-nwin // batch_size))  # as equal as possible: ceil(n / number of batches)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     home = next(model.parameters()).device
     if home != dev:
         model.to(dev)
+    forward = torch.compile(model, dynamic=False) if compile else model
     t0 = time.perf_counter()
-    nll_sum = torch.zeros((), dtype=torch.float64)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
     try:
         for b0 in range(0, nwin, batch_size):
-            x = windows[b0 : b0 + batch_size].to(dev)
-            logits = model(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
+            x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
+            logits = forward(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                    reduction="none").view(x.shape[0], -1)  # (b, seqlen-1)
-            nll_sum += loss.mean(dim=1).double().sum().cpu()
+            nll_sum += loss.mean(dim=1).double().sum()
+            del logits, loss
+        nll_sum = nll_sum.cpu()
     finally:
         if home != dev:
             model.to(home)

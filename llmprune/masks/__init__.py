@@ -12,8 +12,11 @@ from ..errors import LLMPruneError
 
 
 def lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """Indices of the k lowest scores along `dim` (unordered)."""
-    return torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices
+    """Indices of the k lowest scores along `dim` (unordered). CPU: `torch.topk` (several times faster than a
+    sort there); GPU: a stable radix sort (topk with a large k is slow there)."""
+    if scores.device.type == "cpu":
+        return torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices
+    return torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, k)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row") -> torch.Tensor:
@@ -21,7 +24,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-r
 
     `per-row`: each output row competes alone (Wanda's choice); `per-layer`: the whole matrix competes
     (magnitude pruning, RIA). Exactly k weights are pruned even with ties; `torch.topk` (several times faster
-    than a full sort) picks them, deterministically for a given input on a given device.
+    than a full sort) or a stable sort picks them, deterministically for a given input on a given device.
     """
     # scores: (out_features, in_features)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
