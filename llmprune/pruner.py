@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
+from .calibration.runner import move_block, return_block
 from .config import PruneConfig
 from .errors import LLMPruneError
 from .masks import apply_mask_
@@ -109,10 +110,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         for i in tqdm(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
             tb = time.perf_counter()
             block = blocks[i]
-            home = next(block.parameters()).device
-            block.to(device)
+            home = move_block(block, device)
             _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
-            block.to(home)
+            return_block(block, home)
             block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
     else:
         if calibration is None:

@@ -67,7 +67,7 @@ def test_sweep_writes_one_results_file_a_table_and_plots(tiny_model_dir, tmp_pat
     for png in ("ppl_vs_sparsity_wikitext2.png", "layer_sparsity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in data["records"][1:]:
-        assert r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01)
+        assert r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.05)  # int(s * width) per row
         assert math.isfinite(r["ppl"]["wikitext2"])
 
 

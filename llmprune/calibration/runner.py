@@ -30,6 +30,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def move_block(block: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Move a block's parameters and buffers to `device`; return their original host tensors (None if already
+    there), so `return_block` can copy results back into the same host memory instead of allocating new pages."""
+    tensors = dict(block.named_parameters())
+    tensors.update(block.named_buffers())
+    if not tensors or next(iter(tensors.values())).device == device:
+        return None
+    home = {name: t.data for name, t in tensors.items()}
+    block.to(device)
+    return home
+
+
+def return_block(block: nn.Module, home: dict[str, torch.Tensor] | None) -> None:
+    """Copy the block's (possibly pruned) tensors back into their original host storage and point them there."""
+    if home is None:
+        return
+    tensors = dict(block.named_parameters())
+    tensors.update(block.named_buffers())
+    for name, t in tensors.items():
+        host = home[name]
+        host.copy_(t.data)
+        t.data = host
+
+
 @dataclass
 class BlockContext:
     """What a block processor sees: the block (on `device`) and its calibration inputs, batch by batch."""
@@ -86,9 +110,8 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
     bar = tqdm(range(n), desc=desc, unit="block", leave=False)
     for i in bar:
         block = blocks[i]
-        home = next(block.parameters()).device
         t = time.perf_counter()
-        block.to(device)
+        home = move_block(block, device)
         ctx = BlockContext(i, n, block, device, hidden, calls[i])
         bar.set_description(f"{desc}: block {i + 1}/{n}")
         process(ctx)
@@ -102,7 +125,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
                     )
             _sync(device)
             ctx.timings["propagate"] = time.perf_counter() - tp
-        block.to(home)
+        return_block(block, home)
         ctx.timings["total"] = time.perf_counter() - t
         timings.append(ctx.timings)
         log.info("block %d/%d: %.2f s (%s)", i + 1, n, ctx.timings["total"],

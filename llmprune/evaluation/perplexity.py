@@ -43,6 +43,14 @@ def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, s
     return ids, where
 
 
+def _window_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window (b,), the logits upcast to float32."""
+    logits = model(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                           reduction="none")
+    return loss.view(x.shape[0], -1).mean(dim=1)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
                device: str | torch.device | None = None, max_windows: int | None = None,
@@ -63,17 +71,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     home = next(model.parameters()).device
     if home != dev:
         model.to(dev)
-    forward = torch.compile(model, dynamic=False) if compile else model
+    step = torch.compile(_window_nll, dynamic=False) if compile else _window_nll  # fuses the float32 loss too
     t0 = time.perf_counter()
     nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
     try:
         for b0 in range(0, nwin, batch_size):
             x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
-            logits = forward(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                   reduction="none").view(x.shape[0], -1)  # (b, seqlen-1)
-            nll_sum += loss.mean(dim=1).double().sum()
-            del logits, loss
+            nll_sum += step(model, x).double().sum()
         nll_sum = nll_sum.cpu()
     finally:
         if home != dev:

@@ -13,8 +13,8 @@ from ..errors import LLMPruneError
 
 def lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Indices of the k lowest scores along `dim` (unordered). CPU: `torch.topk` (several times faster than a
-    sort there); GPU: a stable radix sort (topk with a large k is slow there)."""
-    if scores.device.type == "cpu":
+    sort there) and for small k on the GPU; otherwise a stable radix sort (topk with a large k is slow there)."""
+    if scores.device.type == "cpu" or k <= 64:
         return torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices
     return torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, k)
 
