@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
-from .calibration.runner import move_block, return_block
+from .calibration.placement import move_block, return_block
 from .config import PruneConfig
 from .errors import LLMPruneError
 from .masks import apply_mask_

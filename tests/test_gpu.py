@@ -27,6 +27,7 @@ def test_gpu_pruning_keeps_blocks_in_host_memory_and_matches_cpu(method, pattern
     llmprune.prune(ref, PruneConfig(device="cpu", **cfg), tokens)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert [p.data_ptr() for p in model.parameters()] == host_ptrs  # results copied back into the same storage
+    assert find_blocks(model).modules[0].mlp.up_proj.weight.device.type == "cpu"
     assert rep.peak_memory["gpu_max_allocated"] > 0
     agree = sum(int(((a == 0) == (b == 0)).sum()) for a, b in zip(model.parameters(), ref.parameters()))
     total = sum(p.numel() for p in model.parameters())

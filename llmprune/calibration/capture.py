@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..models import Blocks
+from .placement import move_block, return_block
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,13 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, tokens: torch.Tensor,
     original = blocks.modules
     hidden_batches: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = [[] for _ in range(n_blocks)]
-    outer_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for as_tuple in (False, True):
         sink: list = []
         recorders = nn.ModuleList(_Recorder(i, sink, i == n_blocks - 1, as_tuple) for i in range(n_blocks))
         setattr(blocks.parent, blocks.attr, recorders)
+        home = None
         try:
-            if outer_device != device:
-                model.to(device)
+            home = move_block(model, device)  # the blocks are swapped out: only embeddings and head move
             ok = True
             for b0 in range(0, tokens.shape[0], batch_size):
                 sink.clear()
@@ -115,9 +115,8 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, tokens: torch.Tensor,
                         call = BlockCall(_share_equal(call.args, prev.args), _share_equal(call.kwargs, prev.kwargs), key)
                     calls[i].append(call)
         finally:
+            return_block(model, home, copy=False)
             setattr(blocks.parent, blocks.attr, original)
-            if outer_device != device:
-                model.to(outer_device)
         if ok:
             break
         hidden_batches.clear()

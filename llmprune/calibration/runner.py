@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import LLMPruneError
 from ..models import Blocks, find_blocks
 from .capture import BlockCall, capture_block_inputs
+from .placement import move_block, return_block
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +29,6 @@ log = logging.getLogger(__name__)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def move_block(block: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """Move a block's parameters and buffers to `device`; return their original host tensors (None if already
-    there), so `return_block` can copy results back into the same host memory instead of allocating new pages."""
-    tensors = dict(block.named_parameters())
-    tensors.update(block.named_buffers())
-    if not tensors or next(iter(tensors.values())).device == device:
-        return None
-    home = {name: t.data for name, t in tensors.items()}
-    block.to(device)
-    return home
-
-
-def return_block(block: nn.Module, home: dict[str, torch.Tensor] | None) -> None:
-    """Copy the block's (possibly pruned) tensors back into their original host storage and point them there."""
-    if home is None:
-        return
-    tensors = dict(block.named_parameters())
-    tensors.update(block.named_buffers())
-    for name, t in tensors.items():
-        host = home[name]
-        host.copy_(t.data)
-        t.data = host
 
 
 @dataclass
