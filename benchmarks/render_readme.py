@@ -22,7 +22,8 @@ def quality_table(data: dict) -> str:
     ev, cal = data["eval"], data["calibration"]
     out = [f"WikiText-2 perplexity of {data['model']}, first {ev['windows']} windows of {ev['seqlen']} tokens; "
            f"calibration {cal['nsamples']} x {cal['seqlen']} C4 tokens, seed 0, float32, CPU "
-           f"(`benchmarks/results/cpu_smollm2_quality.json`).", "",
+           f"(`benchmarks/results/cpu_smollm2_quality.json`). Prune times are wall times on a 2-core machine that other "
+           f"jobs shared during this run; the speed section below has a quiet measurement.", "",
            "| Method | Comparison group | 50 % unstructured | 2:4 | prune time, unstructured (s) |",
            "|---|---|---:|---:|---:|",
            f"| Dense | - | {dense['wikitext2']:.2f} | {dense['wikitext2']:.2f} | - |"]
