@@ -101,8 +101,8 @@ class PruneConfig(_DictMixin):
             raise LLMPruneError(f"sparsegpt_blocksize must be >= 1, got {self.sparsegpt_blocksize}")
         if pat.kind == "nm" and self.sparsegpt_blocksize % pat.m:
             raise LLMPruneError(f"sparsegpt_blocksize {self.sparsegpt_blocksize} must be a multiple of M={pat.m}")
-        if not (0.0 <= self.sparsegpt_percdamp):
-            raise LLMPruneError(f"sparsegpt_percdamp must be >= 0, got {self.sparsegpt_percdamp}")
+        if not (self.sparsegpt_percdamp > 0.0):
+            raise LLMPruneError(f"sparsegpt_percdamp must be > 0, got {self.sparsegpt_percdamp}")
         if self.batch_size is not None and self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.offload_activations not in ("auto", "cpu", "device"):

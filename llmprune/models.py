@@ -51,10 +51,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on the CPU, float16 on an accelerator (the papers' setting)."""
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """`auto`: float32 on the CPU; on an accelerator the checkpoint's own half precision (bfloat16 or float16),
+    float16 (the papers' setting) for a float32 checkpoint. Returns a dtype, or "auto" for load_model to decide."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return torch.float32 if device.type == "cpu" else "auto"
     if dtype not in DTYPES:
         raise LLMPruneError(f"unknown dtype {dtype!r}; known: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -68,7 +69,7 @@ class LoadedModel:
     gguf_file: str | None = None
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU.
 
     `spec`: a Hub id, a local model folder, a `.gguf` file (dequantized by transformers), or None for the
@@ -103,6 +104,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
         raise LLMPruneError(_load_error_message(spec, where, e)) from None
     model.eval()
+    if dtype == "auto" and next(model.parameters()).dtype not in (torch.float16, torch.bfloat16):
+        model.half()
     if gguf_file:
         _drop_gguf_quantization_mark(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=gguf_file)
@@ -232,9 +235,10 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLike, files: dict[str, dict] | None = None,
-                           overwrite: bool = False) -> Path:
-    """Write a safetensors model, its tokenizer and extra JSON files into a temporary sibling folder, then rename
-    it into place, so a failure never leaves a half-written `out_dir` and an existing one stays until the end."""
+                           overwrite: bool = False, extra=None) -> Path:
+    """Write a safetensors model, its tokenizer, extra JSON `files` and whatever `extra(tmp_folder)` writes into a
+    temporary sibling folder, then rename it into place, so a failure never leaves a half-written `out_dir`, and an
+    existing one stays until the end (and is put back if the final rename fails)."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -244,11 +248,18 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLi
             tokenizer.save_pretrained(tmp)
         for name, data in (files or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        if extra is not None:
+            extra(tmp)
         backup = None
         if out.exists():
             backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, backup)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, out)
+            raise
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     except BaseException:

@@ -115,7 +115,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         "architecture": type(model).__name__,
         "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
                    "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
-                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(torch_dtype).removeprefix("torch.")},
+                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
         "calibration": calibration.to_dict() if calibration is not None else None,
         "seed": calib_cfg.seed,
         "versions": package_versions(),
@@ -135,13 +135,16 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         if evaluation is not None:
             files["results.json"] = {"model": loaded.source, "pruning": record["config"], "results": evaluation,
                                      "versions": record["versions"]}
-        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite)
-        if evaluation is not None:
-            (Path(path) / "results.md").write_text(evaluation["table"] + "\n")
-        if block_report is not None:
-            from .blocks import plot_block_scores
 
-            plot_block_scores(block_report, Path(path) / "block_scores.png")
+        def extra(folder: Path) -> None:
+            if evaluation is not None:
+                (folder / "results.md").write_text(evaluation["table"] + "\n")
+            if block_report is not None:
+                from .blocks import plot_block_scores
+
+                plot_block_scores(block_report, folder / "block_scores.png")
+
+        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra)
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record

@@ -68,11 +68,16 @@ def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, con
     pattern, group = config.pattern_spec, config.group
     for name, layer in layers.items():
         w = weight_oi(layer)  # (out, in), a view into the parameter
+        if scorer.needs != "none" and name not in stats:
+            raise LLMPruneError(f"{prefix}.{name} saw no calibration input (an expert no token was routed to, or a "
+                                "layer called with keyword input); it cannot be scored by "
+                                f"{config.method}")
         result = scorer.prune(w, stats.get(name), pattern, group)
         if result.weight is not None:
             w.copy_(result.weight.to(w.dtype))
         apply_mask_(w, result.mask)
         zeros[f"{prefix}.{name}"] = (int((w == 0).sum()), w.numel())
+    scorer.end_block()
 
 
 def _peak_host_memory() -> int | None:
@@ -97,6 +102,13 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     scorer = scorer_cls(config)
     _check_prunable(model, config)
     device = resolve_device(config.device)
+    if config.comparison_group and config.pattern_spec.kind == "nm":
+        log.warning("--comparison-group is ignored for N:M patterns: each group of M weights competes")
+    if calibration is not None:
+        maxpos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if maxpos and calibration.seqlen > maxpos:
+            raise LLMPruneError(f"calibration seqlen {calibration.seqlen} exceeds the model's "
+                                f"max_position_embeddings {maxpos}; lower --seqlen")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -111,8 +123,10 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             tb = time.perf_counter()
             block = blocks[i]
             home = move_block(block, device)
-            _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
-            return_block(block, home)
+            try:
+                _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
+            finally:
+                return_block(block, home)
             block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
     else:
         if calibration is None:

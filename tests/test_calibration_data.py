@@ -96,3 +96,13 @@ def test_hub_unreachable_names_the_fix(tok, monkeypatch):
     monkeypatch.delenv("LLMPRUNE_DATA_DIR", raising=False)
     with pytest.raises(LLMPruneError, match="--data-dir"):
         load_calibration(CalibrationConfig(source="c4", nsamples=2, seqlen=16), tok)
+
+
+def test_local_c4_calibration_never_overlaps_the_c4_evaluation_documents(tok):
+    from llmprune.calibration.data import C4_EVAL_DOCS, named_source_text
+
+    train, where_t = named_source_text("c4", "train", data_dir())
+    valid, where_v = named_source_text("c4", "validation", data_dir())
+    assert "kept for evaluation" in where_t
+    assert not set(train) & set(valid[:C4_EVAL_DOCS])
+    assert train == valid[C4_EVAL_DOCS:]

@@ -158,3 +158,9 @@ def test_unsupported_architecture_is_a_clear_error():
 
     with pytest.raises(llmprune.LLMPruneError, match="not supported"):
         llmprune.prune(NotATransformer(), PruneConfig(method="magnitude"))
+
+
+def test_calibration_longer_than_the_model_context_is_refused():
+    model = tiny_model("gpt2")  # n_positions = 64
+    with pytest.raises(llmprune.LLMPruneError, match="exceeds the model's max_position_embeddings 64"):
+        llmprune.prune(model, PruneConfig(method="wanda"), calib_tokens(n=2, seqlen=128))

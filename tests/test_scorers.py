@@ -129,3 +129,12 @@ def test_sparsegpt_dead_inputs_are_zeroed():
     assert dead.tolist() == [False, True, False, False]
     res = sparsegpt_prune(torch.ones(2, 4), hinv, dead, Pattern.parse("unstructured", 0.25), "per-row", 4)
     assert (res.weight[:, 1] == 0).all()
+
+
+def test_sparsegpt_at_zero_sparsity_is_a_no_op_and_damping_must_be_positive():
+    sg = SCORERS.get("sparsegpt")(PruneConfig(method="sparsegpt", sparsity=0.0))
+    w = torch.randn(4, 8)
+    res = sg.prune(w, LayerStats(hessian=torch.eye(8)), Pattern.parse("unstructured", 0.0), "per-layer")
+    assert res.weight is None and not res.mask.any()
+    with pytest.raises(LLMPruneError, match="must be > 0"):
+        PruneConfig(method="sparsegpt", sparsegpt_percdamp=0.0)

@@ -90,12 +90,7 @@ def named_source_text(name: str, split: str, data_dir: Path | None) -> tuple[lis
     Local (`data_dir`): `c4/*.parquet|*.jsonl|*.json*`, `wikitext2/wikitext-2-raw-v1.<split>.jsonl`."""
     if name == "c4":
         if data_dir is not None:
-            d = data_dir / "c4"
-            files = sorted(f for f in d.glob("*") if f.suffix in (".parquet", ".jsonl", ".json")) if d.is_dir() else []
-            if not files:
-                raise LLMPruneError(f"no C4 files (*.parquet, *.jsonl) found in {d}; check --data-dir / ${DATA_DIR_ENV}")
-            docs = [t for f in files for t in read_documents(f)]
-            return docs, f"local C4 documents {', '.join(str(f) for f in files)}"
+            return _local_c4(data_dir / "c4", split)
         shard = ("en/c4-train.00000-of-01024.json.gz" if split == "train"
                  else "en/c4-validation.00000-of-00008.json.gz")
         ds = _hub_dataset("allenai/c4", None, split, data_files={split: shard})
@@ -112,6 +107,31 @@ def named_source_text(name: str, split: str, data_dir: Path | None) -> tuple[lis
         ds = _hub_dataset("wikitext", "wikitext-2-raw-v1", split)
         return list(ds["text"]), f"hub wikitext/wikitext-2-raw-v1 {split}"
     raise LLMPruneError(f"unknown dataset {name!r}; known: {', '.join(NAMED_SOURCES)}")
+
+
+C4_EVAL_DOCS = 1100  # the papers evaluate C4 perplexity on the first 1100 validation documents
+
+
+def _local_c4(d: Path, split: str) -> tuple[list[str], str]:
+    """Local C4 files by split (`*train*` / `*valid*` in the name). With validation files only, calibration
+    ("train") takes the documents after the first 1100, which C4 perplexity evaluates on: the two never overlap."""
+    files = sorted(f for f in d.glob("*") if f.suffix in (".parquet", ".jsonl", ".json")) if d.is_dir() else []
+    if not files:
+        raise LLMPruneError(f"no C4 files (*.parquet, *.jsonl) found in {d}; check --data-dir / ${DATA_DIR_ENV}")
+    train = [f for f in files if "train" in f.name]
+    valid = [f for f in files if f not in train]
+    if split == "train" and train:
+        return [t for f in train for t in read_documents(f)], f"local C4 train documents {', '.join(map(str, train))}"
+    if not valid:
+        raise LLMPruneError(f"no C4 validation file (without 'train' in its name) found in {d}")
+    docs = [t for f in valid for t in read_documents(f)]
+    where = ", ".join(map(str, valid))
+    if split == "train":
+        if len(docs) <= C4_EVAL_DOCS:
+            raise LLMPruneError(f"local C4 in {d} has no train file and too few validation documents to keep "
+                                f"calibration apart from the first {C4_EVAL_DOCS} (evaluation)")
+        return docs[C4_EVAL_DOCS:], f"local C4 documents {C4_EVAL_DOCS + 1}-{len(docs)} of {where} (no train file; the first {C4_EVAL_DOCS} are kept for evaluation)"
+    return docs, f"local C4 validation documents {where}"
 
 
 def _hub_dataset(path: str, name: str | None, split: str, **kw):

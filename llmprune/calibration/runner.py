@@ -91,18 +91,19 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
         home = move_block(block, device)
         ctx = BlockContext(i, n, block, device, hidden, calls[i])
         bar.set_description(f"{desc}: block {i + 1}/{n}")
-        process(ctx)
-        if i < n - 1 or propagate_last:
-            tp = time.perf_counter()
-            hidden = ctx.forward(keep_outputs=True)
-            for b, h in enumerate(hidden):
-                if not torch.isfinite(h).all():
-                    raise LLMPruneError(
-                        f"NaN or Inf in the activations after block {i} (batch {b}); try --dtype float32 or bfloat16"
-                    )
-            _sync(device)
-            ctx.timings["propagate"] = time.perf_counter() - tp
-        return_block(block, home)
+        try:
+            process(ctx)
+            if i < n - 1 or propagate_last:
+                tp = time.perf_counter()
+                hidden = ctx.forward(keep_outputs=True)
+                _sync(device)  # device-to-host copies are asynchronous: finish them before reading
+                for b, h in enumerate(hidden):
+                    if not torch.isfinite(h).all():
+                        raise LLMPruneError(f"NaN or Inf in the activations after block {i} (batch {b}); "
+                                            "try --dtype float32 or bfloat16")
+                ctx.timings["propagate"] = time.perf_counter() - tp
+        finally:
+            return_block(block, home)  # also on errors: the block goes back to its host storage
         ctx.timings["total"] = time.perf_counter() - t
         timings.append(ctx.timings)
         log.info("block %d/%d: %.2f s (%s)", i + 1, n, ctx.timings["total"],

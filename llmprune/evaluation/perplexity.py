@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.data import named_source_text, resolve_data_dir
+from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
 from ..registry import unknown_name_message
 
 log = logging.getLogger(__name__)
 
 PPL_DATASETS = ("wikitext2", "c4")
-C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
 
 

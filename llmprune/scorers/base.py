@@ -44,6 +44,9 @@ class Scorer:
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:  # (out, in)
         raise NotImplementedError
 
+    def end_block(self) -> None:
+        """Called after the last layer of each block: drop anything cached for that block."""
+
     def prune(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern, group: str) -> PruneResult:
         """Decide the mask from the scores (override to also update the weights)."""
         return PruneResult(select_mask(self.score(weight, stats), pattern, group))

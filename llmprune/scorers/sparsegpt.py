@@ -43,7 +43,7 @@ def sparsegpt_inverse_hessian(hessian: torch.Tensor, percdamp: float = 0.01):
             log.warning("Hessian not positive definite at dampening %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     raise LLMPruneError(
-        "SparseGPT: the calibration Hessian is not positive definite even with 10x dampening; "
+        f"SparseGPT: the calibration Hessian is not positive definite even with {damp / 10:g} dampening; "
         "use more calibration samples or a higher --sparsegpt-percdamp"
     )
 
@@ -122,7 +122,12 @@ class SparseGPT(Scorer):
             self._cached = (stats, sparsegpt_inverse_hessian(stats.hessian, percdamp))
         return self._cached[1]
 
+    def end_block(self) -> None:
+        self._cached = None  # the factor of the block's Hessians is not needed any more
+
     def prune(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern, group: str) -> PruneResult:
+        if pattern.kind == "unstructured" and pattern.sparsity == 0:
+            return PruneResult(torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))  # a no-op
         hinv, dead = self.inverse_hessian(stats)
         blocksize = self.config.sparsegpt_blocksize if self.config is not None else 128
         return sparsegpt_prune(weight, hinv, dead, pattern, group, blocksize)

@@ -1,0 +1,542 @@
+"""Recipes: the typed configs written down as YAML, one recipe per table cell, with the paper's number to compare.
+
+A recipe file holds one cell:
+
+    name: llama2-7b_wanda_50          # optional in a one-cell file (default: the file's stem)
+    model: meta-llama/Llama-2-7b-hf   # Hub id, local folder, .gguf file, or null (the embedded SmolLM2)
+    dtype: auto                       # optional: auto, float32, float16, bfloat16
+    prune: {method: wanda, sparsity: 0.5, pattern: unstructured}   # PruneConfig keys, or null
+    blocks: {method: block-influence, num_blocks: 9}               # BlockPruneConfig keys (optional)
+    calibration: {source: c4, nsamples: 128, seqlen: 4096, seed: 0}  # CalibrationConfig keys
+    eval: {datasets: [wikitext2], seqlen: 4096}                      # EvalConfig keys, or null
+    paper: {value: 6.42, metric: wikitext2_ppl, source: "...", tolerance: 0.03}  # optional
+    skip: "why this cell is not run"  # optional: e.g. a variant llmprune does not implement
+    notes: "free text"                # optional
+
+A table file holds several cells sharing `defaults:` (merged section by section; a cell's `prune: null` drops
+the default section):
+
+    title: "..."    # optional
+    notes: "..."    # optional
+    defaults: {model: ..., calibration: {...}, eval: {...}}
+    cells: [{name: ..., prune: {...}, paper: {...}}, ...]
+
+Unknown keys anywhere are errors that name the key and the file. Paper metrics:
+
+- `<dataset>_ppl` (e.g. `wikitext2_ppl`): perplexity of the final model on an `eval.datasets` entry;
+- `removed_blocks`: the set of removed blocks (original indices), compared as a set, exactly;
+- `block_order`: blocks by increasing first-round block score (least important first); `tolerance: k` means the
+  first k must match in order (default: all of `value`);
+- `block_score:<i>`: the first-round score of block i (for block-ppl: calibration perplexity without block i).
+
+Tolerances of numeric metrics: a number (absolute, ±), `"N%"` (relative) or `"xN"` (within a factor N).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from .blocks.config import BlockPruneConfig
+from .config import CalibrationConfig, EvalConfig, PruneConfig
+from .errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+RECIPE_KEYS = ("name", "model", "dtype", "prune", "blocks", "calibration", "eval", "paper", "skip", "notes")
+TABLE_KEYS = ("title", "notes", "defaults", "cells")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SET_METRICS = ("removed_blocks",)
+ORDER_METRICS = ("block_order",)
+_PPL_METRIC = re.compile(r"^([a-z0-9]+)_ppl$")
+_SCORE_METRIC = re.compile(r"^block_score:(\d+)$")
+_FACTOR = re.compile(r"^x\s*(\d+(?:\.\d+)?)$")
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)\s*%$")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _is_int_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
+# ---------------------------------------------------------------- the paper's number
+
+
+@dataclass(frozen=True)
+class PaperNumber:
+    """A number a paper (or its reference repository) reports for one table cell, and how close counts."""
+
+    value: Any  # a float, or a list of block indices for removed_blocks / block_order
+    metric: str
+    source: str
+    tolerance: Any = None  # number | "N%" | "xN" | int (block_order) | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise LLMPruneError("paper.source must say where the number comes from")
+        if not isinstance(self.metric, str):
+            raise LLMPruneError(f"paper.metric must be a string, got {self.metric!r}")
+        kind = self.kind
+        if kind in ("set", "order"):
+            if not _is_int_list(self.value) or not self.value:
+                raise LLMPruneError(f"paper.value of {self.metric} must be a non-empty list of block indices")
+            object.__setattr__(self, "value", list(self.value))
+            if kind == "set" and self.tolerance not in (None, 0, "exact"):
+                raise LLMPruneError(f"paper.tolerance of {self.metric} must be empty or 'exact' (a set is compared exactly)")
+            if kind == "order" and self.tolerance is not None and not (
+                    isinstance(self.tolerance, int) and not isinstance(self.tolerance, bool)
+                    and 1 <= self.tolerance <= len(self.value)):
+                raise LLMPruneError(
+                    f"paper.tolerance of block_order is how many leading blocks must match: 1..{len(self.value)}")
+        else:
+            if not _is_number(self.value) or not math.isfinite(float(self.value)):
+                raise LLMPruneError(f"paper.value of {self.metric} must be a finite number, got {self.value!r}")
+            self.tolerance_spec()  # validates
+
+    @property
+    def kind(self) -> str:
+        """"number", "set" or "order"."""
+        if self.metric in SET_METRICS:
+            return "set"
+        if self.metric in ORDER_METRICS:
+            return "order"
+        if _PPL_METRIC.match(self.metric) or _SCORE_METRIC.match(self.metric):
+            return "number"
+        raise LLMPruneError(
+            f"unknown paper metric {self.metric!r}; known: <dataset>_ppl (e.g. wikitext2_ppl), removed_blocks, "
+            "block_order, block_score:<i>")
+
+    def tolerance_spec(self) -> tuple[str, float] | None:
+        """("abs", t) | ("rel", fraction) | ("factor", f) | None for a numeric metric."""
+        t = self.tolerance
+        if t is None:
+            return None
+        if _is_number(t):
+            if not (float(t) >= 0):
+                raise LLMPruneError(f"paper.tolerance must be >= 0, got {t}")
+            return ("abs", float(t))
+        if isinstance(t, str):
+            m = _PERCENT.match(t.strip())
+            if m:
+                return ("rel", float(m.group(1)) / 100)
+            m = _FACTOR.match(t.strip())
+            if m and float(m.group(1)) >= 1:
+                return ("factor", float(m.group(1)))
+        raise LLMPruneError(f"paper.tolerance {t!r}: give a number (±), 'N%' (relative) or 'xN' (within a factor N)")
+
+    def tolerance_text(self) -> str:
+        kind = self.kind
+        if kind == "set":
+            return "exact set"
+        if kind == "order":
+            k = self.tolerance or len(self.value)
+            return f"first {k} in order"
+        spec = self.tolerance_spec()
+        if spec is None:
+            return "-"
+        how, t = spec
+        return {"abs": f"±{t:g}", "rel": f"±{100 * t:g}%", "factor": f"×{t:g}"}[how]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "metric": self.metric, "source": self.source, "tolerance": self.tolerance}
+
+
+# ---------------------------------------------------------------- a recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One table cell: the model, the typed configs that produce it, and the paper's number to compare with."""
+
+    name: str
+    model: str | None = None
+    prune: PruneConfig | None = None
+    blocks: BlockPruneConfig | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig | None = field(default_factory=EvalConfig)
+    paper: PaperNumber | None = None
+    skip: str | None = None
+    dtype: str = "auto"
+    notes: str | None = None
+    path: str | None = field(default=None, compare=False)  # the file it was read from (not part of the recipe)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise LLMPruneError("a recipe needs a name")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise LLMPruneError(f"model must be a Hub id, a path or null, got {self.model!r}")
+        if self.dtype not in DTYPES:
+            raise LLMPruneError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.skip is not None and (not isinstance(self.skip, str) or not self.skip.strip()):
+            raise LLMPruneError("skip must be a reason (text)")
+        if self.eval is not None:
+            from .evaluation.perplexity import PPL_DATASETS
+
+            for ds in self.eval.datasets:
+                if ds not in PPL_DATASETS:
+                    raise LLMPruneError(f"unknown eval dataset {ds!r}; known: {', '.join(PPL_DATASETS)}")
+        if self.paper is not None:
+            m = _PPL_METRIC.match(self.paper.metric)
+            if m and (self.eval is None or m.group(1) not in self.eval.datasets):
+                raise LLMPruneError(
+                    f"paper metric {self.paper.metric} needs {m.group(1)!r} in eval.datasets")
+            if self.paper.kind != "number" or _SCORE_METRIC.match(self.paper.metric):
+                if self.blocks is None:
+                    raise LLMPruneError(f"paper metric {self.paper.metric} needs a blocks: section")
+
+    @property
+    def is_dense(self) -> bool:
+        """Nothing to prune: the cell evaluates the model as it is."""
+        return self.prune is None and self.blocks is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that `Recipe.from_dict` (and YAML) read back to an equal recipe."""
+        return {
+            "name": self.name, "model": self.model, "dtype": self.dtype,
+            "prune": self.prune.to_dict() if self.prune else None,
+            "blocks": _plain(self.blocks.to_dict()) if self.blocks else None,
+            "calibration": self.calibration.to_dict(),
+            "eval": _plain(self.eval.to_dict()) if self.eval else None,
+            "paper": self.paper.to_dict() if self.paper else None,
+            "skip": self.skip, "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "recipe", path: str | None = None) -> "Recipe":
+        """Build a recipe from a dict of plain values; errors say `where` (file and cell) and the key."""
+        if not isinstance(data, Mapping):
+            raise LLMPruneError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
+        if unknown:
+            raise LLMPruneError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RECIPE_KEYS)}")
+        name = data.get("name")
+        if name is None and path is not None:
+            name = Path(path).stem
+        where = f"{where} (cell {name!r})" if "cell" not in where and name else where
+        kw: dict[str, Any] = {"name": name, "path": path}
+        for key in ("model", "skip", "notes"):
+            if key in data:
+                kw[key] = data[key]
+        if data.get("dtype") is not None:
+            kw["dtype"] = data["dtype"]
+        sections = {"prune": PruneConfig, "blocks": BlockPruneConfig, "calibration": CalibrationConfig,
+                    "eval": EvalConfig, "paper": PaperNumber}
+        for key, cls_ in sections.items():
+            if key not in data:
+                continue
+            value = data[key]
+            if value is None:
+                if key == "calibration":
+                    raise LLMPruneError(f"{where}: calibration cannot be null (leave it out for the defaults)")
+                kw[key] = None
+                continue
+            kw[key] = _section(cls_, value, f"{where}: {key}")
+        try:
+            return cls(**kw)
+        except LLMPruneError as e:
+            raise LLMPruneError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise LLMPruneError(f"{where}: {e}") from None
+
+
+def _plain(d: dict) -> dict:
+    """Tuples as lists, so YAML writes plain sequences."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _section(cls_, value, where: str):
+    if not isinstance(value, Mapping):
+        raise LLMPruneError(f"{where}: expected a mapping of {cls_.__name__} keys, got {type(value).__name__}")
+    known = {f.name for f in fields(cls_)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise LLMPruneError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls_(**value)
+    except LLMPruneError as e:
+        raise LLMPruneError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # a wrong type in YAML, e.g. sparsity: "half"
+        raise LLMPruneError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------- files and tables
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LLMPruneError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMPruneError(f"{path}: not valid YAML: {first}") from None
+
+
+def _merge(defaults: Mapping, cell: Mapping) -> dict:
+    """A cell over the defaults, section by section (a cell's None replaces a whole default section)."""
+    out = dict(defaults)
+    for key, value in cell.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _table_cells(path: Path, data: Mapping) -> list[Recipe]:
+    unknown = sorted(set(data) - set(TABLE_KEYS))
+    if unknown:
+        raise LLMPruneError(f"{path}: unknown key(s) {', '.join(unknown)} in a table; known: {', '.join(TABLE_KEYS)}")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise LLMPruneError(f"{path}: defaults must be a mapping of recipe keys")
+    bad = sorted(set(defaults) - set(RECIPE_KEYS))
+    if bad:
+        raise LLMPruneError(f"{path}: defaults: unknown key(s) {', '.join(bad)}; known: {', '.join(RECIPE_KEYS)}")
+    cells = data.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise LLMPruneError(f"{path}: cells must be a non-empty list of recipes")
+    out = []
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, Mapping):
+            raise LLMPruneError(f"{path}: cell {i + 1} must be a mapping")
+        if not cell.get("name"):
+            raise LLMPruneError(f"{path}: cell {i + 1} needs a name")
+        out.append(Recipe.from_dict(_merge(defaults, cell), where=f"{path} (cell {cell['name']!r})", path=str(path)))
+    return out
+
+
+def _load_file(path: Path) -> list[Recipe]:
+    data = _read_yaml(path)
+    if isinstance(data, Mapping) and "cells" in data:
+        return _table_cells(path, data)
+    if data is None:
+        raise LLMPruneError(f"{path}: empty recipe")
+    return [Recipe.from_dict(data, where=str(path), path=str(path))]
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read one recipe (one table cell) from a YAML file; a file with `cells:` is a table (see `load_table`)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LLMPruneError(f"recipe not found: {p}")
+    data = _read_yaml(p)
+    if isinstance(data, Mapping) and "cells" in data:
+        raise LLMPruneError(f"{p} is a table of cells; load it with load_table (or `reproduce`)")
+    return _load_file(p)[0]
+
+
+def recipe_files(path: str | os.PathLike) -> list[Path]:
+    """The YAML files of a table: the file itself, or a folder's *.yaml/*.yml in name order (not recursive)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in RECIPE_SUFFIXES)
+        if not files:
+            raise LLMPruneError(f"no recipe files (*.yaml) in {p}")
+        return files
+    raise LLMPruneError(f"recipe table not found: {p}")
+
+
+def load_table(path: str | os.PathLike) -> list[Recipe]:
+    """All cells of a table, in order: a folder of recipe files (name order; a file may itself hold `cells:`),
+    or one YAML file with `cells:` sharing `defaults:`. Cell names must be unique."""
+    recipes: list[Recipe] = []
+    for f in recipe_files(path):
+        recipes.extend(_load_file(f))
+    seen: dict[str, str | None] = {}
+    for r in recipes:
+        if r.name in seen:
+            raise LLMPruneError(f"cell name {r.name!r} appears twice ({seen[r.name]} and {r.path}); names must be unique")
+        seen[r.name] = r.path
+    return recipes
+
+
+def table_title(path: str | os.PathLike) -> str:
+    """A table's `title:` when one file gives it, else the folder's or file's name."""
+    p = Path(path).expanduser()
+    for f in recipe_files(p):
+        data = _read_yaml(f)
+        if isinstance(data, Mapping) and isinstance(data.get("title"), str):
+            return data["title"]
+    return p.stem if p.is_file() else p.name
+
+
+def with_data_dir(recipe: Recipe, data_dir: str | os.PathLike | None) -> Recipe:
+    """The recipe with `data_dir` filled in where it gives none, and a relative calibration file looked up under
+    `data_dir` when it is not found from the working directory."""
+    if data_dir is None:
+        return recipe
+    d = str(Path(data_dir).expanduser())
+    calib = recipe.calibration
+    if calib.data_dir is None:
+        calib = replace(calib, data_dir=d)
+    src = Path(calib.source).expanduser()
+    if src.suffix and not src.is_absolute() and not src.exists() and (Path(d) / src).exists():
+        calib = replace(calib, source=str(Path(d) / src))
+    ev = recipe.eval
+    if ev is not None and ev.data_dir is None:
+        ev = replace(ev, data_dir=d)
+    return replace(recipe, calibration=calib, eval=ev)
+
+
+# ---------------------------------------------------------------- comparison with the paper
+
+
+def measured_value(recipe: Recipe, record: Mapping) -> Any:
+    """Our value of the recipe's paper metric, read from a run record (run_prune_job's or run_eval_job's)."""
+    if recipe.paper is None:
+        return None
+    metric = recipe.paper.metric
+    m = _PPL_METRIC.match(metric)
+    if m:
+        return _ppl_of(record, m.group(1))
+    blocks = record.get("blocks") or {}
+    if metric == "removed_blocks":
+        removed = blocks.get("removed")
+        return sorted(removed) if removed is not None else None
+    scores = blocks.get("scores")
+    if scores is None:
+        return None
+    if metric == "block_order":
+        return sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    i = int(_SCORE_METRIC.match(metric).group(1))
+    return scores[i] if i < len(scores) else None
+
+
+def _ppl_of(record: Mapping, dataset: str) -> float | None:
+    ppl = record.get("perplexity") or {}
+    for stage in ("pruned", "dense"):
+        r = (ppl.get(stage) or {}).get(dataset)
+        if r is not None:
+            return r["ppl"] if isinstance(r, Mapping) else r
+    r = ((record.get("results") or {}).get("perplexity") or {}).get(dataset)  # run_eval_job's record
+    if r is not None:
+        return r["ppl"] if isinstance(r, Mapping) else r
+    return None
+
+
+def compare(paper: PaperNumber, ours: Any) -> dict[str, Any]:
+    """{"difference": ..., "within": True/False/None} of our value against the paper's."""
+    if ours is None:
+        return {"difference": None, "within": None}
+    kind = paper.kind
+    if kind == "set":
+        want, got = set(paper.value), set(ours)
+        return {"difference": {"extra": sorted(got - want), "missing": sorted(want - got)}, "within": want == got}
+    if kind == "order":
+        k = paper.tolerance or len(paper.value)
+        first_diff = next((i for i in range(k) if i >= len(ours) or ours[i] != paper.value[i]), None)
+        return {"difference": {"first_mismatch": first_diff}, "within": first_diff is None}
+    if not _is_number(ours) or not math.isfinite(float(ours)):
+        return {"difference": None, "within": False}
+    diff = float(ours) - float(paper.value)
+    spec = paper.tolerance_spec()
+    if spec is None:
+        within = None
+    else:
+        how, t = spec
+        if how == "abs":
+            within = abs(diff) <= t + 1e-12
+        elif how == "rel":
+            within = abs(diff) <= t * abs(float(paper.value)) + 1e-12
+        else:
+            a, b = float(ours), float(paper.value)
+            within = a > 0 and b > 0 and max(a / b, b / a) <= t
+    return {"difference": diff, "within": within}
+
+
+def _decimals(v) -> int:
+    text = repr(float(v))
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 2
+
+
+def _fmt(v, decimals: int) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return ", ".join(str(i) for i in v)
+    if _is_number(v):
+        return f"{float(v):.{decimals}f}"
+    return str(v)
+
+
+def _fmt_diff(diff, decimals: int) -> str:
+    if diff is None:
+        return "-"
+    if isinstance(diff, Mapping) and "extra" in diff:
+        parts = ([f"+{{{', '.join(map(str, diff['extra']))}}}"] if diff["extra"] else []) + (
+            [f"-{{{', '.join(map(str, diff['missing']))}}}"] if diff["missing"] else [])
+        return " ".join(parts) or "none"
+    if isinstance(diff, Mapping) and "first_mismatch" in diff:
+        i = diff["first_mismatch"]
+        return "none" if i is None else f"differs at position {i + 1}"
+    return f"{float(diff):+.{decimals}f}"
+
+
+def _escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_comparison(rows: Sequence[Mapping]) -> str:
+    """A GitHub Markdown table of cells beside the papers' numbers: cell, metric, paper, ours, difference,
+    tolerance, within tolerance?; skipped or failed cells show why in a list below the table.
+
+    `rows`: dicts with `name`, `paper` (PaperNumber or its dict, or None), `ours`, and optionally `status`
+    ("ok", "skipped", "failed") and `reason`; `difference`/`within` are computed when absent."""
+    header = ["Cell", "Metric", "Paper", "Ours", "Difference", "Tolerance", "Within tolerance?"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join([":---", ":---"] + ["---:"] * 4 + [":---:"]) + " |"]
+    notes = []
+    for row in rows:
+        if not isinstance(row, Mapping) or "name" not in row:
+            raise LLMPruneError(f"each comparison row must be a mapping with a name, got {row!r}")
+        paper = row.get("paper")
+        if isinstance(paper, Mapping):
+            paper = PaperNumber(**paper)
+        status = row.get("status", "ok")
+        ours = row.get("ours")
+        if paper is not None and ("within" not in row or "difference" not in row):
+            cmp = compare(paper, ours) if status == "ok" else {"difference": None, "within": None}
+        else:
+            cmp = {"difference": row.get("difference"), "within": row.get("within")}
+        decimals = max(2, _decimals(paper.value)) if paper is not None and paper.kind == "number" else 2
+        if status != "ok":
+            verdict = status
+            notes.append(f"- `{row['name']}`: {status}: {row.get('reason') or 'no reason given'}")
+        elif paper is None:
+            verdict = "-"
+        else:
+            verdict = {True: "yes", False: "**no**", None: "-"}[cmp["within"]]
+        lines.append("| " + " | ".join(_escape(c) for c in [
+            row["name"],
+            paper.metric if paper else "-",
+            _fmt(paper.value, decimals) if paper else "-",
+            _fmt(ours, decimals) if status == "ok" else "-",
+            _fmt_diff(cmp["difference"], decimals),
+            paper.tolerance_text() if paper else "-",
+            verdict,
+        ]) + " |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
+    return text
+
+
+__all__ = ["Recipe", "PaperNumber", "load_recipe", "load_table", "recipe_files", "table_title", "with_data_dir",
+           "measured_value", "compare", "render_comparison"]
