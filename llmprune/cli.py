@@ -13,7 +13,7 @@ import sys
 
 from .errors import LLMPruneError
 
-SUBCOMMANDS = ("prune", "eval", "sweep")
+SUBCOMMANDS = ("prune", "eval", "sweep", "push", "reproduce")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +74,9 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None, help="save the pruned model here (safetensors + tokenizer + llmprune.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the saved folder (with a model card) to the Hub")
+    g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    g.add_argument("--revision", default=None, help="with --push-to-hub: the branch to push to")
     g.add_argument("--json", action="store_true", help="print the full record as JSON")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     return p
@@ -136,13 +139,28 @@ def cmd_prune(argv: list[str]) -> int:
                 raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
         eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
                               batch_size=a.eval_batch_size, data_dir=a.data_dir)
+    if a.push_to_hub and not a.output_dir:
+        raise LLMPruneError("--push-to-hub needs --output-dir (the folder that is uploaded)")
+    if a.push_to_hub:
+        from .export.hub import _resolve_token
+
+        if _resolve_token(None) is None:  # refuse before the work, not after it
+            raise LLMPruneError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or push later with "
+                                "`python -m llmprune push DIR REPO_ID`)")
     record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
                            dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
                            block_cfg=block_cfg)
+    if a.push_to_hub:
+        from .export import push_folder
+
+        res = push_folder(record["output_dir"], a.push_to_hub, private=a.private, revision=a.revision)
+        record["pushed"] = res.get("url")
     if a.json:
         print(json.dumps(record, indent=2, default=str))
     else:
         print(format_summary(record))
+        if record.get("pushed"):
+            print(f"pushed: {record['pushed']}")
     return 0
 
 
@@ -262,13 +280,53 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
+def cmd_push(argv: list[str]) -> int:
+    from .export import push_folder
+
+    p = _Parser(prog="python -m llmprune push", description="Upload a pruned folder (with a model card) to the Hub.")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dry-run", default=None, metavar="DIR", help="write exactly what would be uploaded into DIR; upload nothing")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    _configure_logging(a.quiet)
+    res = push_folder(a.folder, a.repo_id, private=a.private, revision=a.revision, dry_run_dir=a.dry_run)
+    if a.dry_run:
+        print(f"dry run: {len(res['files'])} files that would be uploaded to {a.repo_id} are in {res['dry_run']}")
+        if not res.get("token_found"):
+            print("note: no Hugging Face token found; a real push needs HF_TOKEN or `hf auth login`")
+    else:
+        print(f"pushed {len(res['files'])} files: {res['url']}")
+    return 0
+
+
+def cmd_reproduce(argv: list[str]) -> int:
+    from .reproduce import reproduce
+
+    p = _Parser(prog="python -m llmprune reproduce", description="Run a paper table's recipes and compare with the paper.")
+    p.add_argument("table", help="a recipe folder or file, e.g. recipes/paper/wanda_llama2")
+    p.add_argument("--out-dir", default="reproduce")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--strict", action="store_true", help="fail when a cell's model can't be loaded (default: skip it)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    _configure_logging(a.quiet)
+    res = reproduce(a.table, out_dir=a.out_dir, data_dir=a.data_dir, only_available=not a.strict)
+    print(res["markdown"])
+    print(f"results: {res['results']}\ncomparison: {res['comparison']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "prune"
     if argv and argv[0] == cmd:
         argv = argv[1:]
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[cmd](argv)
+        return {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "push": cmd_push,
+                "reproduce": cmd_reproduce}[cmd](argv)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2

@@ -137,6 +137,9 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
                                      "versions": record["versions"]}
 
         def extra(folder: Path) -> None:
+            from .export import write_card
+
+            write_card(folder, record)  # README.md: the model card
             if evaluation is not None:
                 (folder / "results.md").write_text(evaluation["table"] + "\n")
             if block_report is not None:

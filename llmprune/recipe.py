@@ -399,11 +399,24 @@ def with_data_dir(recipe: Recipe, data_dir: str | os.PathLike | None) -> Recipe:
 # ---------------------------------------------------------------- comparison with the paper
 
 
-def measured_value(recipe: Recipe, record: Mapping) -> Any:
-    """Our value of the recipe's paper metric, read from a run record (run_prune_job's or run_eval_job's)."""
-    if recipe.paper is None:
+def cell_metric(recipe: Recipe) -> str | None:
+    """The metric a cell is judged by: the paper's, else perplexity on the first eval dataset, else the removed
+    blocks (cells without a paper number still show our result)."""
+    if recipe.paper is not None:
+        return recipe.paper.metric
+    if recipe.eval is not None and recipe.eval.datasets:
+        return f"{recipe.eval.datasets[0]}_ppl"
+    if recipe.blocks is not None:
+        return "removed_blocks"
+    return None
+
+
+def measured_value(recipe: Recipe, record: Mapping, metric: str | None = None) -> Any:
+    """Our value of `metric` (default: `cell_metric(recipe)`) read from a run record (run_prune_job's or
+    run_eval_job's)."""
+    metric = metric or cell_metric(recipe)
+    if metric is None:
         return None
-    metric = recipe.paper.metric
     m = _PPL_METRIC.match(metric)
     if m:
         return _ppl_of(record, m.group(1))
@@ -498,8 +511,9 @@ def render_comparison(rows: Sequence[Mapping]) -> str:
     """A GitHub Markdown table of cells beside the papers' numbers: cell, metric, paper, ours, difference,
     tolerance, within tolerance?; skipped or failed cells show why in a list below the table.
 
-    `rows`: dicts with `name`, `paper` (PaperNumber or its dict, or None), `ours`, and optionally `status`
-    ("ok", "skipped", "failed") and `reason`; `difference`/`within` are computed when absent."""
+    `rows`: dicts with `name`, `paper` (PaperNumber or its dict, or None), `ours`, and optionally `metric` (shown
+    when there is no paper number), `status` ("ok", "skipped", "failed") and `reason`; `difference`/`within` are
+    computed when absent."""
     header = ["Cell", "Metric", "Paper", "Ours", "Difference", "Tolerance", "Within tolerance?"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join([":---", ":---"] + ["---:"] * 4 + [":---:"]) + " |"]
     notes = []
@@ -525,7 +539,7 @@ def render_comparison(rows: Sequence[Mapping]) -> str:
             verdict = {True: "yes", False: "**no**", None: "-"}[cmp["within"]]
         lines.append("| " + " | ".join(_escape(c) for c in [
             row["name"],
-            paper.metric if paper else "-",
+            paper.metric if paper else (row.get("metric") or "-"),
             _fmt(paper.value, decimals) if paper else "-",
             _fmt(ours, decimals) if status == "ok" else "-",
             _fmt_diff(cmp["difference"], decimals),
@@ -539,4 +553,4 @@ def render_comparison(rows: Sequence[Mapping]) -> str:
 
 
 __all__ = ["Recipe", "PaperNumber", "load_recipe", "load_table", "recipe_files", "table_title", "with_data_dir",
-           "measured_value", "compare", "render_comparison"]
+           "cell_metric", "measured_value", "compare", "render_comparison"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLMPruneError
-from .recipe import Recipe, compare, load_table, measured_value, render_comparison, table_title, with_data_dir
+from .recipe import (Recipe, cell_metric, compare, load_table, measured_value, render_comparison, table_title,
+                     with_data_dir)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def _hub_reachable(model: str) -> tuple[bool, str]:
 
 def _calibration_availability(recipe: Recipe) -> tuple[bool, str]:
     """A calibration file named by a recipe must exist (named datasets are checked when they load)."""
-    needs = recipe.blocks is not None or (recipe.prune is not None and recipe.prune.method != "magnitude")
+    from .scorers import SCORERS
+
+    needs = recipe.blocks is not None or (recipe.prune is not None and SCORERS.get(recipe.prune.method).needs != "none")
     src = Path(recipe.calibration.source).expanduser()
     if needs and src.suffix and not src.exists():
         return False, f"calibration file {recipe.calibration.source} not found (relative paths: from here, then data_dir)"
@@ -134,7 +137,8 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     cells = []
     for i, (r, status, reason) in enumerate(plan):
         cell: dict[str, Any] = {"name": r.name, "model": r.model, "recipe": r.to_dict(), "file": r.path,
-                                "paper": r.paper.to_dict() if r.paper else None, "status": status,
+                                "paper": r.paper.to_dict() if r.paper else None, "metric": cell_metric(r),
+                                "status": status,
                                 "reason": reason or None, "ours": None, "difference": None, "within": None}
         if status == "run":
             log.info("cell %d/%d: %s", i + 1, len(plan), r.name)
@@ -148,8 +152,8 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
                 cell["status"] = "ok"
                 cell["seconds"] = time.perf_counter() - t
                 cell["record"] = record
+                cell["ours"] = measured_value(r, record)
                 if r.paper is not None:
-                    cell["ours"] = measured_value(r, record)
                     cell.update(compare(r.paper, cell["ours"]))
         cells.append(cell)
 

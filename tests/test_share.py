@@ -307,7 +307,7 @@ def test_render_comparison():
             {"name": "out", "paper": p, "ours": 6.52},
             {"name": "set", "paper": {"value": [1, 2], "metric": "removed_blocks", "source": "s"}, "ours": [2, 3]},
             {"name": "off", "paper": p, "status": "skipped", "reason": "model not cached"},
-            {"name": "mine", "paper": None, "ours": 12.3456}]
+            {"name": "mine", "paper": None, "metric": "wikitext2_ppl", "ours": 12.3456}]
     md = render_comparison(rows)
     lines = md.splitlines()
     assert lines[0] == "| Cell | Metric | Paper | Ours | Difference | Tolerance | Within tolerance? |"
@@ -315,7 +315,7 @@ def test_render_comparison():
     assert "| out | wikitext2_ppl | 6.42 | 6.52 | +0.10 | ±0.03 | **no** |" in lines
     assert "| set | removed_blocks | 1, 2 | 2, 3 | +{3} -{1} | exact set | **no** |" in lines
     assert "| off | wikitext2_ppl | 6.42 | - | - | ±0.03 | skipped |" in lines
-    assert "| mine | - | - | 12.35 | - | - | - |" in lines
+    assert "| mine | wikitext2_ppl | - | 12.35 | - | - | - |" in lines
     assert "- `off`: skipped: model not cached" in lines
 
 
@@ -329,6 +329,7 @@ def test_reproduce_with_a_fake_runner(tmp_path, tiny_model_dir, monkeypatch):
     _write(table / "01_local.yaml", {**CELL, "name": "local_tiny", "model": str(tiny_model_dir)})
     _write(table / "02_hub.yaml", {**CELL, "name": "hub_cell", "model": "llmprune-tests/not-a-cached-model"})
     _write(table / "03_skip.yaml", {**CELL, "name": "not_implemented", "skip": "needs channel permutation"})
+    _write(table / "04_mine.yaml", {**CELL, "name": "no_paper", "model": str(tiny_model_dir), "paper": None})
     seen = []
 
     def runner(recipe):
@@ -336,16 +337,17 @@ def test_reproduce_with_a_fake_runner(tmp_path, tiny_model_dir, monkeypatch):
         return {"model": recipe.model, "perplexity": {"dense": None, "pruned": {"wikitext2": {"ppl": 10.2}}}}
 
     out = reproduce(table, out_dir=tmp_path / "out", runner=runner, data_dir=tmp_path)
-    assert [r.name for r in seen] == ["local_tiny"] and seen[0].calibration.data_dir == str(tmp_path)
+    assert [r.name for r in seen] == ["local_tiny", "no_paper"] and seen[0].calibration.data_dir == str(tmp_path)
     by = {c["name"]: c for c in out["cells"]}
     assert by["local_tiny"]["status"] == "ok" and by["local_tiny"]["ours"] == 10.2
     assert by["local_tiny"]["difference"] == pytest.approx(0.2) and by["local_tiny"]["within"] is True
     assert by["hub_cell"]["status"] == "skipped" and "not in the local Hugging Face cache" in by["hub_cell"]["reason"]
     assert by["not_implemented"]["status"] == "skipped" and "channel permutation" in by["not_implemented"]["reason"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["counts"] == {"ok": 1, "skipped": 2, "failed": 0}
+    assert saved["counts"] == {"ok": 2, "skipped": 2, "failed": 0}
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| local_tiny | wikitext2_ppl | 10.00 | 10.20 | +0.20 | ±0.5 | yes |" in md and "hub_cell" in md
+    assert "| no_paper | wikitext2_ppl | - | 10.20 | - | - | - |" in md
 
     seen.clear()
     with pytest.raises(LLMPruneError, match="hub_cell.*nothing was run"):
