@@ -26,6 +26,15 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_class(self, name: str) -> Callable[[T], T]:
+        """Class decorator that also sets `cls.name = name` (one registration line beside each method)."""
+
+        def deco(cls: T) -> T:
+            cls.name = name  # type: ignore[attr-defined]
+            return self.register(name)(cls)
+
+        return deco
+
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)
 

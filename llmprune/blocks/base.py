@@ -37,9 +37,4 @@ BLOCK_SCORERS: Registry[type[BlockScorer]] = Registry("block-pruning method")
 
 def register_block_scorer(name: str):
     """Class decorator: `@register_block_scorer("block-influence")` beside the class."""
-
-    def deco(cls):
-        cls.name = name
-        return BLOCK_SCORERS.register(name)(cls)
-
-    return deco
+    return BLOCK_SCORERS.register_class(name)

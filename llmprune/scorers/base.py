@@ -57,9 +57,4 @@ SCORERS: Registry[type[Scorer]] = Registry("method")
 
 def register_scorer(name: str):
     """Class decorator: `@register_scorer("wanda")` beside the class."""
-
-    def deco(cls):
-        cls.name = name
-        return SCORERS.register(name)(cls)
-
-    return deco
+    return SCORERS.register_class(name)
