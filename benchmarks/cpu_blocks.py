@@ -1,6 +1,6 @@
 """Block removal on the default model (SmolLM2-135M, 30 blocks, float32, CPU): for each block scorer, the blocks
 it removes at K = 2, 4, 6 (one-shot), the WikiText-2 perplexity (seqlen 512, first 32 windows) and the scoring
-time. Calibration: 32 C4 windows of 512 tokens, seed 0.
+time. Calibration: `--nsamples` (8) C4 windows of 512 tokens, seed 0 (Shortened LLaMA scored with 10 x 128 tokens).
 
     python benchmarks/cpu_blocks.py [--smoke] [--out DIR]
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -34,10 +35,13 @@ METHODS = ("block-influence", "block-ppl", "block-kl")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows of 512 tokens for scoring")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     a = p.parse_args(argv)
     model, tok, name, calib_cfg, eval_seqlen, eval_windows = setup(a.smoke, a.data_dir)
+    if not a.smoke:
+        calib_cfg = dataclasses.replace(calib_cfg, nsamples=a.nsamples)
     ks = (1,) if a.smoke else (2, 4, 6)
     calib = load_calibration(calib_cfg, tok)
     ids, where = load_eval_tokens("wikitext2", tok, a.data_dir)
