@@ -38,7 +38,7 @@ class PruneReport:
         return dict(self.__dict__)
 
 
-def _auto_batch_size(tokens: torch.Tensor, device: torch.device) -> int:
+def _auto_batch_size(tokens: torch.Tensor) -> int:
     """Calibration windows per block forward: about 16k tokens at a time."""
     return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
 
@@ -135,7 +135,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         vocab = model.get_input_embeddings().weight.shape[0]
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
             raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
-        batch_size = config.batch_size or _auto_batch_size(tokens, device)
+        batch_size = config.batch_size or _auto_batch_size(tokens)
 
         def process(ctx: BlockContext) -> None:
             layers = linear_layers(ctx.block)

@@ -62,6 +62,13 @@ _FACTOR = re.compile(r"^x\s*(\d+(?:\.\d+)?)$")
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)\s*%$")
 
 
+def _reject_unknown(data: Mapping, known, prefix: str, suffix: str = "") -> None:
+    """One error naming every unknown key of `data` and the known ones."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise LLMPruneError(f"{prefix} {', '.join(unknown)}{suffix}; known: {', '.join(known)}")
+
+
 def _is_number(v) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
 
@@ -217,9 +224,7 @@ class Recipe:
         """Build a recipe from a dict of plain values; errors say `where` (file and cell) and the key."""
         if not isinstance(data, Mapping):
             raise LLMPruneError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(RECIPE_KEYS))
-        if unknown:
-            raise LLMPruneError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RECIPE_KEYS)}")
+        _reject_unknown(data, RECIPE_KEYS, f"{where}: unknown key(s)")
         name = data.get("name")
         if name is None and path is not None:
             name = Path(path).stem
@@ -299,15 +304,11 @@ def _merge(defaults: Mapping, cell: Mapping) -> dict:
 
 
 def _table_cells(path: Path, data: Mapping) -> list[Recipe]:
-    unknown = sorted(set(data) - set(TABLE_KEYS))
-    if unknown:
-        raise LLMPruneError(f"{path}: unknown key(s) {', '.join(unknown)} in a table; known: {', '.join(TABLE_KEYS)}")
+    _reject_unknown(data, TABLE_KEYS, f"{path}: unknown key(s)", " in a table")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, Mapping):
         raise LLMPruneError(f"{path}: defaults must be a mapping of recipe keys")
-    bad = sorted(set(defaults) - set(RECIPE_KEYS))
-    if bad:
-        raise LLMPruneError(f"{path}: defaults: unknown key(s) {', '.join(bad)}; known: {', '.join(RECIPE_KEYS)}")
+    _reject_unknown(defaults, RECIPE_KEYS, f"{path}: defaults: unknown key(s)")
     cells = data.get("cells")
     if not isinstance(cells, list) or not cells:
         raise LLMPruneError(f"{path}: cells must be a non-empty list of recipes")
