@@ -36,6 +36,9 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    # LLaMA-30B (32.5 B parameters, 60.5 GiB in bf16): kept in host memory, one block at a time on the GPU
+    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=256),
 }
@@ -86,6 +89,34 @@ def build(shape: str, dev: torch.device, dtype: torch.dtype, layers: int | None 
     return model.eval()
 
 
+def build_on_host(shape: str, dev: torch.device, dtype: torch.dtype, layers: int | None = None):
+    """A random-initialized model in host memory without a CPU-side random init (slow at 30B): the skeleton
+    is made on the meta device, host memory is allocated, and each tensor is drawn on the GPU and copied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to_empty(device="cpu")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.data.fill_(1.0)  # norms
+        else:
+            p.data.copy_((torch.randn(p.shape, device=dev, dtype=dtype, generator=g) * 0.02))
+    rotary = type(model.model.rotary_emb)(cfg)  # its non-persistent buffers were not materialized above
+    model.model.rotary_emb = rotary.to(dtype=torch.float32)
+    return model.eval()
+
+
 def linear_params(model) -> tuple[int, int]:
     """(parameters of the blocks' linear layers, of the LM head)."""
     blocks = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n)
@@ -97,7 +128,35 @@ def attention_flops(cfg, tokens_per_window: int, windows: int) -> float:
     return 2 * 2 * tokens_per_window**2 * cfg.hidden_size * cfg.num_hidden_layers * windows
 
 
-def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=()) -> dict:
+def _sdpa_priority(name: str):
+    """A context that makes `name` the first SDPA backend tried ("default": torch's own order)."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH],
+             "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[name]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def _profile_top(fn, rows: int = 12) -> list[dict]:
+    """CUDA time per kernel name over one call of fn (largest first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: getattr(e, "device_time_total", 0), reverse=True)
+    total = sum(getattr(e, "device_time_total", 0) for e in ev) or 1
+    return [{"kernel": e.key[:90], "cuda_ms": getattr(e, "device_time_total", 0) / 1e3,
+             "share": getattr(e, "device_time_total", 0) / total, "calls": e.count} for e in ev[:rows]]
+
+
+def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=(), backends=("default",),
+              profile_too: bool = False) -> dict:
     model = build(shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     seqlen, windows = (2048, 160) if not smoke else (32, 4)  # ~WikiText-2 test with the Llama tokenizer
     ids = torch.randint(0, model.config.vocab_size, (seqlen * windows,), generator=torch.Generator().manual_seed(0))
@@ -107,33 +166,52 @@ def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=(
     eager = min(runs, key=lambda x: x["seconds"])
     compiled = None
     tried = {}
+    profile = None
     if dev.type == "cuda" and compile_too:
-        for b in sorted({bs, *(extra_batches or ())}):
-            t = time.perf_counter()
-            perplexity(model, ids, seqlen, batch_size=b, device=dev, compile=True)  # compiles (all batch shapes)
-            compile_s = time.perf_counter() - t
-            cruns = [perplexity(model, ids, seqlen, batch_size=b, device=dev, compile=True) for _ in range(3)]
-            c = min(cruns, key=lambda x: x["seconds"])
-            c["first_call_seconds_incl_compile"], c["batch_size"] = compile_s, b
-            torch.testing.assert_close(c["nll"], eager["nll"], rtol=2e-3, atol=0)
-            tried[b] = [x["seconds"] for x in cruns]
-            print(f"  compiled, batch {b}: {min(tried[b]):.2f} s", flush=True)
-            if compiled is None or c["seconds"] < compiled["seconds"]:
-                compiled = c
+        for backend in backends:
+            for b in sorted({bs, *(extra_batches or ())}):
+                torch._dynamo.reset()
+                with _sdpa_priority(backend):
+                    t = time.perf_counter()
+                    perplexity(model, ids, seqlen, batch_size=b, device=dev, compile=True)  # compiles
+                    compile_s = time.perf_counter() - t
+                    cruns = [perplexity(model, ids, seqlen, batch_size=b, device=dev, compile=True) for _ in range(3)]
+                c = min(cruns, key=lambda x: x["seconds"])
+                c["first_call_seconds_incl_compile"], c["batch_size"], c["sdpa"] = compile_s, b, backend
+                torch.testing.assert_close(c["nll"], eager["nll"], rtol=2e-3, atol=0)
+                tried[f"{backend}/{b}"] = [x["seconds"] for x in cruns]
+                print(f"  compiled, sdpa {backend}, batch {b}: {min(tried[f'{backend}/{b}']):.2f} s", flush=True)
+                if compiled is None or c["seconds"] < compiled["seconds"]:
+                    compiled = c
         bs = compiled["batch_size"] if compiled["seconds"] < eager["seconds"] else bs
+        if profile_too:
+            torch._dynamo.reset()
+            with _sdpa_priority(compiled["sdpa"]):
+                x = ids[: seqlen * compiled["batch_size"]]
+                perplexity(model, x, seqlen, batch_size=compiled["batch_size"], device=dev, compile=True)
+                profile = _profile_top(lambda: perplexity(model, x, seqlen, batch_size=compiled["batch_size"],
+                                                          device=dev, compile=True))
+            for r in profile:
+                print(f"    {r['share'] * 100:5.1f} %  {r['cuda_ms']:8.1f} ms  {r['calls']:5d}  {r['kernel']}", flush=True)
     r = compiled if compiled and compiled["seconds"] < eager["seconds"] else eager
     blk, head = linear_params(model)
     tokens = seqlen * windows
     floor_flops = 2 * (blk + head) * tokens
+    all_params = sum(p.numel() for p in model.parameters())
     out = {"shape": shape, "seqlen": seqlen, "windows": windows, "batch_size": bs, "tokens": tokens,
            "seconds": [x["seconds"] for x in runs], "tokens_per_s": r["tokens_per_s"],
            "eager_tokens_per_s": eager["tokens_per_s"], "eager_fraction_of_floor_rate": (floor_flops / rate) / eager["seconds"],
            "compiled_tokens_per_s": compiled["tokens_per_s"] if compiled else None,
            "compile_seconds": compiled["first_call_seconds_incl_compile"] if compiled else None,
-           "best": "compiled" if r is compiled else "eager", "compiled_seconds_by_batch": tried,
-           "floor_flops": floor_flops, "attention_flops_not_in_floor": attention_flops(model.config, seqlen, windows),
+           "sdpa_backend": compiled["sdpa"] if r is compiled else "default",
+           "best": "compiled" if r is compiled else "eager", "compiled_seconds_by_backend_batch": tried,
+           "floor_flops": floor_flops, "floor_counts": "2 x (block linear + LM head parameters) x tokens",
+           "all_parameters": all_params,
+           "fraction_of_floor_rate_all_parameters": (2 * all_params * tokens / rate) / r["seconds"],
+           "attention_flops_not_in_floor": attention_flops(model.config, seqlen, windows),
            "floor_seconds": floor_flops / rate, "floor_tokens_per_s": tokens / (floor_flops / rate),
            "fraction_of_floor_rate": (floor_flops / rate) / r["seconds"], "target_fraction": 0.70,
+           "profile_top_kernels": profile,
            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
     print(f"ppl eager {out['eager_fraction_of_floor_rate']:.3f} of floor; best ({out['best']}): {r['tokens_per_s']:.0f} tokens/s, {100 * out['fraction_of_floor_rate']:.1f} % of the floor rate "
           f"(batch {bs}, {r['seconds']:.2f} s for {tokens} tokens)", flush=True)
@@ -143,19 +221,48 @@ def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=(
     return out
 
 
-def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None) -> list[dict]:
-    cpu_model = build(shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, layers).to("cpu")
+def memory_terms(model, n: int, seqlen: int, batch: int, peak: int | None, dtype_bytes: int = 2) -> dict:
+    """The terms of the peak GPU memory: blocks' weights (up to three on the GPU: one coming, one in use,
+    one going back), the calibration activations (one set, outputs replace inputs batch by batch, plus one
+    batch of outputs), and the rest (workspace: one batch's intermediate tensors, statistics, masks)."""
+    cfg = model.config
+    block = sum(p.numel() for p in model.model.layers[0].parameters()) * dtype_bytes
+    acts = n * seqlen * cfg.hidden_size * dtype_bytes
+    out = {"block_weights_bytes": block, "blocks_on_gpu_max": 3, "activations_bytes": acts,
+           "one_batch_outputs_bytes": batch * seqlen * cfg.hidden_size * dtype_bytes}
+    if peak is not None:
+        out["workspace_bytes"] = peak - 3 * block - acts - out["one_batch_outputs_bytes"]
+    return out
+
+
+def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_place_model: bool = False,
+                gpu_cap_gib: float | None = None) -> list[dict]:
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t = time.perf_counter()
+    if in_place_model:
+        cpu_model = build_on_host(shape, dev, dtype, layers) if dev.type == "cuda" else build(shape, dev, dtype, layers)
+    else:
+        cpu_model = build(shape, dev, dtype, layers).to("cpu")
+    build_s = time.perf_counter() - t
     gc.collect()
     torch.cuda.empty_cache() if dev.type == "cuda" else None
+    weights_bytes = sum(p.numel() * p.element_size() for p in cpu_model.parameters())
+    gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    if gpu_cap_gib and dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / gpu_total), dev)
     n, seqlen = (128, 2048) if not smoke else (4, 32)
     tokens = torch.randint(0, cpu_model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
     blk, _ = linear_params(cpu_model)
     fwd_flops = 2 * blk * n * seqlen + attention_flops(cpu_model.config, seqlen, n)
     floor = 2 * fwd_flops / rate
+    print(f"{shape}: {sum(p.numel() for p in cpu_model.parameters()) / 1e9:.2f} B parameters, "
+          f"{weights_bytes / 2**30:.1f} GiB of weights in host memory (built in {build_s:.0f} s); "
+          f"GPU {gpu_total / 2**30 if gpu_total else 0:.0f} GiB" + (f", capped at {gpu_cap_gib} GiB" if gpu_cap_gib else ""),
+          flush=True)
     results = []
     for method in methods:
         for pattern in patterns:
-            model = copy.deepcopy(cpu_model)
+            model = cpu_model if in_place_model else copy.deepcopy(cpu_model)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -165,17 +272,23 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None) -> list
             rep = prune(model, cfg, tokens)
             sync(dev)
             wall = time.perf_counter() - t
+            peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+            batch = cfg.batch_size or max(1, min(n, 16384 // seqlen))
             row = {"method": method, "pattern": pattern, "layers": cpu_model.config.num_hidden_layers,
+                   "parameters": sum(p.numel() for p in cpu_model.parameters()), "weights_bytes": weights_bytes,
+                   "gpu_total_bytes": gpu_total, "gpu_cap_bytes": int(gpu_cap_gib * 2**30) if gpu_cap_gib else None,
                    "wall_seconds": wall, "floor_seconds": floor, "ratio_to_floor": wall / floor,
                    "timings": rep.timings, "sparsity": rep.sparsity,
-                   "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                   "peak_gpu_bytes": peak, "memory_terms": memory_terms(cpu_model, n, seqlen, batch, peak),
                    "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                    "calibration": f"{n} x {seqlen} random token ids", "block_timings_first": rep.block_timings[:2]}
             results.append(row)
             gpu = f"{row['peak_gpu_bytes'] / 2**30:.2f} GiB" if row["peak_gpu_bytes"] else "-"
             print(f"prune {method:9s} {pattern:12s} {wall:7.1f} s = {wall / floor:5.2f} x floor ({floor:.1f} s), "
-                  f"peak GPU {gpu} [{', '.join(f'{k} {v:.1f}' for k, v in rep.timings.items())}]", flush=True)
-            del model
+                  f"peak GPU {gpu}, host RSS {row['peak_host_rss_bytes'] / 2**30:.1f} GiB "
+                  f"[{', '.join(f'{k} {v:.1f}' for k, v in rep.timings.items())}]", flush=True)
+            if not in_place_model:
+                del model
             gc.collect()
     return results
 
@@ -191,6 +304,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     p.add_argument("--tag", default="")
     p.add_argument("--ppl-batches", default="", help="extra batch sizes to try for the compiled perplexity run")
+    p.add_argument("--sdpa", default="default", help="SDPA backends to try first, comma-separated: default, cudnn, flash")
+    p.add_argument("--profile", action="store_true", help="print and record the top CUDA kernels of one ppl batch")
+    p.add_argument("--host-model", action="store_true",
+                   help="build the model straight into host memory and prune it in place (one method/pattern "
+                        "per model: for shapes whose weights fill most of the host memory)")
+    p.add_argument("--gpu-cap-gib", type=float, default=None,
+                   help="cap the GPU memory this process may use (torch.cuda.set_per_process_memory_fraction)")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     shape = "tiny" if a.smoke else a.shape
@@ -201,9 +321,11 @@ def main(argv=None) -> int:
     tag = ("smoke_" if a.smoke else "") + (a.tag or "")
     if "ppl" in a.what:
         write_json(Path(a.out) / f"{tag}gpu_ppl_throughput_{shape}.json", {"environment": env, **bench_ppl(shape, dev, rate, a.smoke,
-                  extra_batches=[int(x) for x in a.ppl_batches.split(",") if x])})
+                  extra_batches=[int(x) for x in a.ppl_batches.split(",") if x],
+                  backends=a.sdpa.split(","), profile_too=a.profile)})
     if "prune" in a.what:
-        rows = bench_prune(shape, dev, rate, a.smoke, a.methods.split(","), a.patterns.split(","), a.layers)
+        rows = bench_prune(shape, dev, rate, a.smoke, a.methods.split(","), a.patterns.split(","), a.layers,
+                           in_place_model=a.host_model, gpu_cap_gib=a.gpu_cap_gib)
         write_json(Path(a.out) / f"{tag}gpu_prune_{shape}{'_' + str(a.layers) + 'blocks' if a.layers else ''}.json",
                    {"environment": env, "rows": rows})
     return 0

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
-from .calibration.placement import move_block, return_block
+from .calibration.placement import BlockShuttle
 from .config import PruneConfig
 from .errors import LLMPruneError
 from .masks import apply_mask_
@@ -76,7 +76,7 @@ def _prune_layers(scorer: Scorer, layers: dict[str, nn.Module], stats: dict, con
         if result.weight is not None:
             w.copy_(result.weight.to(w.dtype))
         apply_mask_(w, result.mask)
-        zeros[f"{prefix}.{name}"] = (int((w == 0).sum()), w.numel())
+        zeros[f"{prefix}.{name}"] = ((w == 0).sum(), w.numel())  # a device scalar: read once at the end
     scorer.end_block()
 
 
@@ -119,15 +119,18 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
 
     if need == "none":
         blocks = find_blocks(model)
-        for i in tqdm(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
-            tb = time.perf_counter()
-            block = blocks[i]
-            home = move_block(block, device)
-            try:
-                _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
-            finally:
-                return_block(block, home)
-            block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
+        shuttle = BlockShuttle(blocks.modules, device)  # block i+1 comes and i-1 goes while i is pruned
+        try:
+            for i in tqdm(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
+                tb = time.perf_counter()
+                block = shuttle.get(i)
+                try:
+                    _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
+                finally:
+                    shuttle.put(i)
+                block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
+        finally:
+            shuttle.close()
     else:
         if calibration is None:
             raise LLMPruneError(f"method {config.method} needs calibration data")
@@ -140,7 +143,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         def process(ctx: BlockContext) -> None:
             layers = linear_layers(ctx.block)
             t = time.perf_counter()
-            with observe(ctx.block, layers, need) as stats:
+            with observe(ctx.block, layers, need, stop_early=True) as stats:
                 ctx.forward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -152,7 +155,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             ctx.timings["prune"] = time.perf_counter() - t
 
         block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                                       offload_activations=config.offload_activations, desc=config.method)
+                                       offload_activations=config.offload_activations, desc=config.method,
+                                       release_inputs=True)
+    zeros = {k: (int(z), n) for k, (z, n) in zeros.items()}
     total = time.perf_counter() - t0
     layer_sp = {k: z / n for k, (z, n) in zeros.items()}
     overall = sum(z for z, _ in zeros.values()) / max(1, sum(n for _, n in zeros.values()))

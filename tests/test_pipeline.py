@@ -164,3 +164,53 @@ def test_calibration_longer_than_the_model_context_is_refused():
     model = tiny_model("gpt2")  # n_positions = 64
     with pytest.raises(llmprune.LLMPruneError, match="exceeds the model's max_position_embeddings 64"):
         llmprune.prune(model, PruneConfig(method="wanda"), calib_tokens(n=2, seqlen=128))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_statistics_pass_stops_after_the_last_linear_layer_with_the_same_statistics(family):
+    model = tiny_model(family)
+    block = find_blocks(model).modules[0]
+    layers = linear_layers(block)
+    tokens = calib_tokens(n=4)
+    seen = {}
+
+    def process(ctx):
+        if ctx.index:
+            return
+        outs = []
+        handle = ctx.block.register_forward_hook(lambda m, a, o: outs.append(1))
+        try:
+            for stop in (False, True):
+                outs.clear()
+                with observe(ctx.block, layers, "sqnorm", stop_early=stop) as stats:
+                    ctx.forward()
+                seen[stop] = ({k: v.sqnorm.clone() for k, v in stats.items()}, len(outs),
+                              {k: v.ntokens for k, v in stats.items()})
+        finally:
+            handle.remove()
+
+    run_sequential(model, tokens, process, device=torch.device("cpu"), batch_size=1)
+    full, cut = seen[False], seen[True]
+    assert full[1] == 4 and cut[1] == 1  # only the first forward (which learns the order) ran to the end
+    assert full[2] == cut[2]  # every layer saw all 4 batches
+    for name in full[0]:
+        torch.testing.assert_close(cut[0][name], full[0][name], rtol=0, atol=0)
+
+
+def test_propagation_in_place_gives_the_same_outputs_as_a_new_list():
+    model = tiny_model("llama")
+    tokens = calib_tokens(n=3)
+    got = {}
+
+    def process(ctx):
+        if ctx.index == 0:
+            got["new"] = ctx.forward(keep_outputs=True)
+            got["ins"] = list(ctx.inputs)
+            got["same"] = ctx.forward(keep_outputs=True, in_place=True)
+            got["list_is_inputs"] = got["same"] is ctx.inputs
+
+    run_sequential(model, tokens, process, device=torch.device("cpu"), batch_size=1)
+    assert got["list_is_inputs"]
+    for a, b, x in zip(got["new"], got["same"], got["ins"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, x)

@@ -76,7 +76,8 @@ def boundary_totals(model: nn.Module, tokens: torch.Tensor, scorer: BlockScorer,
             add(ctx.index, ctx.inputs, ctx.forward(keep_outputs=True))
 
     run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                   offload_activations=_offload_policy(model, tokens, device, 3), desc=f"{scorer.name}: score")
+                   offload_activations=_offload_policy(model, tokens, device, 3), desc=f"{scorer.name}: score",
+                   writeback=False)
     return totals  # type: ignore[return-value]
 
 
@@ -111,7 +112,8 @@ def cache_block_states(model: nn.Module, tokens: torch.Tensor, *, device: torch.
 
     n = len(find_blocks(model))
     run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                   offload_activations=_offload_policy(model, tokens, device, n + 1), desc=desc)
+                   offload_activations=_offload_policy(model, tokens, device, n + 1), desc=desc,
+                   writeback=False)
     return cache
 
 

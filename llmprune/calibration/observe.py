@@ -3,6 +3,10 @@
 Consecutive layers that read the very same input tensor object (q/k/v projections, gate/up) share one
 LayerStats, so its statistics are computed once. Identity is checked with `is` on a live reference, never on
 addresses, which the allocator reuses. Hooks are always removed when the `observe` context exits.
+
+Only the inputs of the linear layers are needed, so once the block's last linear layer has seen its input the
+rest of the forward is skipped (StopBlockForward), when the first forward showed that every layer runs exactly
+once per forward (not for mixtures of experts, whose layers run a data-dependent number of times).
 """
 
 from __future__ import annotations
@@ -16,6 +20,38 @@ from ..scorers.base import LayerStats
 
 # tokens per chunk when upcasting inputs for the Hessian, to bound the float32 copy
 _CHUNK = 8192
+_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm(..., out_dtype=float32) works on this CUDA build (cached)
+
+
+class StopBlockForward(Exception):
+    """Raised by a hook to end a block's forward early; the block runner skips that batch's output."""
+
+
+def _hessian_update(h: torch.Tensor, x2: torch.Tensor) -> None:
+    """h += x2^T x2 in float32, exactly as with float32 inputs.
+
+    On CUDA with bf16/fp16 inputs the products of the 8/11-bit mantissas are exact and the matrix units
+    accumulate in float32, so a half-precision matmul with float32 output (or TF32 on the upcast inputs, whose
+    10-bit mantissa holds them exactly) equals the float32 matmul up to summation order, at the matrix units'
+    rate instead of the float32 rate (~15x slower)."""
+    half = x2.dtype in (torch.bfloat16, torch.float16) and x2.is_cuda
+    if half and _MM_OUT_DTYPE != [False]:
+        try:
+            for i in range(0, x2.shape[0], 4 * _CHUNK):
+                c = x2[i : i + 4 * _CHUNK]
+                h.add_(torch.mm(c.t(), c, out_dtype=torch.float32))
+            _MM_OUT_DTYPE[:] = [True]
+            return
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[:] = [False]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = half  # exact for half-precision inputs, see above
+    try:
+        for i in range(0, x2.shape[0], _CHUNK):
+            c = x2[i : i + _CHUNK].float()
+            h.addmm_(c.t(), c)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def add_to_stats(stats: LayerStats, x: torch.Tensor, need: str) -> None:
@@ -29,19 +65,24 @@ def add_to_stats(stats: LayerStats, x: torch.Tensor, need: str) -> None:
     elif need == "hessian":
         if stats.hessian is None:
             stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-        for i in range(0, x2.shape[0], _CHUNK):
-            c = x2[i : i + _CHUNK].float()
-            stats.hessian.addmm_(c.t(), c)
+        _hessian_update(stats.hessian, x2)
 
 
 @contextlib.contextmanager
-def observe(block: nn.Module, layers: dict[str, nn.Module], need: str):
-    """Within the context, every forward of `block` adds each layer's inputs to `stats[name]` (yielded)."""
+def observe(block: nn.Module, layers: dict[str, nn.Module], need: str, stop_early: bool = False):
+    """Within the context, every forward of `block` adds each layer's inputs to `stats[name]` (yielded).
+
+    `stop_early`: after the first forward, end each forward at the last linear layer (StopBlockForward); the
+    caller must catch it and must not need the block's outputs."""
     stats: dict[str, LayerStats] = {}
     last: list = [None, None]  # the last input tensor seen in this forward of the block, and its stats
+    order: list[str] = []  # layers in the order they ran during the first forward
+    stop_at: list[str] = []  # the last layer, once known
 
     def make_hook(name: str):
         def hook(module, args):
+            if order is not None and not stop_at:
+                order.append(name)
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
@@ -49,18 +90,27 @@ def observe(block: nn.Module, layers: dict[str, nn.Module], need: str):
                 if name not in stats:
                     stats[name] = last[1]
                 if stats[name] is last[1]:
-                    return
-            st = stats.setdefault(name, LayerStats())
-            add_to_stats(st, x.detach(), need)
-            last[0], last[1] = x, st
+                    x = None
+            if x is not None:
+                st = stats.setdefault(name, LayerStats())
+                add_to_stats(st, x.detach(), need)
+                last[0], last[1] = x, st
+            if stop_at and name == stop_at[0]:
+                raise StopBlockForward
 
         return hook
 
     def clear_seen(module, args):
         last[0] = last[1] = None
 
-    handles = [block.register_forward_pre_hook(clear_seen),
-               block.register_forward_hook(lambda module, args, output: clear_seen(module, args))]
+    def after_forward(module, args, output):
+        clear_seen(module, args)
+        if stop_early and not stop_at and order:
+            if sorted(order) == sorted(layers):  # every layer ran exactly once
+                stop_at.append(order[-1])
+            order.clear()
+
+    handles = [block.register_forward_pre_hook(clear_seen), block.register_forward_hook(after_forward)]
     handles += [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         yield stats

@@ -1,16 +1,31 @@
-"""Moving a block (or the model outside its blocks) to the accelerator and back into the same host memory."""
+"""Moving a block (or the model outside its blocks) to the accelerator and back into the same host memory.
+
+`move_block`/`return_block` do it synchronously. `BlockShuttle` overlaps the transfers with the computation on
+a CUDA device: while block i runs, block i+1 is copied to the device and block i-1 is copied back, on a side
+stream driven by one worker thread (copies to and from pageable host memory block the thread that issues
+them, and torch releases the GIL while they run)."""
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(block.named_parameters())
+    tensors.update(block.named_buffers())
+    return tensors
 
 
 def move_block(block: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
     """Move a block's parameters and buffers to `device`; return their original host tensors (None if already
     there), so `return_block` can copy results back into the same host memory instead of allocating new pages."""
-    tensors = dict(block.named_parameters())
-    tensors.update(block.named_buffers())
+    tensors = _tensors(block)
     if not tensors or next(iter(tensors.values())).device == device:
         return None
     home = {name: t.data for name, t in tensors.items()}
@@ -23,10 +38,97 @@ def return_block(block: nn.Module, home: dict[str, torch.Tensor] | None, copy: b
     (`copy=False`: the tensors were only read, so just point them back)."""
     if home is None:
         return
-    tensors = dict(block.named_parameters())
-    tensors.update(block.named_buffers())
-    for name, t in tensors.items():
+    for name, t in _tensors(block).items():
         host = home[name]
         if copy:
             host.copy_(t.data)
         t.data = host
+
+
+class BlockShuttle:
+    """Blocks in host memory, each used on the device in turn: `get(i)` puts block i on the device (waiting for
+    its prefetch) and starts copying block i+1; `put(i)` points block i back at its host storage and, when
+    `writeback`, copies its device tensors there in the background. `close()` waits for every copy (call it in
+    a `finally`). At most three blocks are on the device at once (i-1 going back, i, i+1 coming).
+
+    On a CPU device, or for blocks already on the device, it degrades to `move_block`/`return_block`."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device, writeback: bool = True, prefetch: bool = True):
+        self.blocks, self.device, self.writeback = blocks, device, writeback
+        self.async_ = prefetch and device.type == "cuda"
+        self._homes: dict[int, dict[str, torch.Tensor] | None] = {}
+        self._coming: dict[int, Future] = {}
+        self._going: list[Future] = []
+        if self.async_:
+            self._stream = torch.cuda.Stream(device)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmprune-shuttle")
+
+    # -- worker-thread side -------------------------------------------------------------------------------
+    def _fetch(self, i: int):
+        tensors = _tensors(self.blocks[i])
+        if not tensors or next(iter(tensors.values())).device == self.device:
+            return None
+        with torch.cuda.stream(self._stream):
+            dev = {name: t.data.to(self.device, non_blocking=True) for name, t in tensors.items()}
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return dev, done
+
+    def _send_back(self, dev: dict[str, torch.Tensor], home: dict[str, torch.Tensor], ready: torch.cuda.Event):
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)  # the block's last use on the compute stream
+            for name, t in dev.items():
+                home[name].copy_(t)  # to pageable memory: returns when the copy is done
+        self._stream.synchronize()
+
+    # -- caller side -----------------------------------------------------------------------------------------
+    def get(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        if not self.async_:
+            self._homes[i] = move_block(block, self.device)
+            return block
+        fut = self._coming.pop(i, None) or self._pool.submit(self._fetch, i)
+        if i + 1 < len(self.blocks) and i + 1 not in self._coming:
+            self._coming[i + 1] = self._pool.submit(self._fetch, i + 1)
+        got = fut.result()
+        if got is None:
+            self._homes[i] = None
+            return block
+        dev, done = got
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        tensors = _tensors(block)
+        self._homes[i] = {name: t.data for name, t in tensors.items()}
+        for name, t in tensors.items():
+            dev[name].record_stream(compute)  # allocated on the side stream, used on this one
+            t.data = dev[name]
+        return block
+
+    def put(self, i: int) -> None:
+        block, home = self.blocks[i], self._homes.pop(i, None)
+        if not self.async_ or home is None:
+            return_block(block, home, copy=self.writeback)
+            return
+        tensors = _tensors(block)
+        dev = {name: t.data for name, t in tensors.items()}
+        for name, t in tensors.items():
+            t.data = home[name]  # host values are final once the copy below has finished (see close())
+        if self.writeback:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            self._going.append(self._pool.submit(self._send_back, dev, home, ready))
+
+    def close(self) -> None:
+        """Wait for every transfer; re-raise the first error of a copy back to host memory."""
+        if not self.async_:
+            return
+        errors = []
+        for f in [*self._going, *self._coming.values()]:
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        self._going, self._coming = [], {}
+        self._pool.shutdown(wait=True)
+        if errors:
+            raise errors[0]

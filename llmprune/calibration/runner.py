@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..errors import LLMPruneError
 from ..models import Blocks, find_blocks
 from .capture import BlockCall, capture_block_inputs
-from .placement import move_block, return_block
+from .observe import StopBlockForward
+from .placement import BlockShuttle
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,26 @@ class BlockContext:
     timings: dict[str, float] = field(default_factory=dict)
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block on every batch (hooks fire); return the outputs if asked, on the activation device."""
-        outs = [] if keep_outputs else None
-        for h, call in zip(self.inputs, self.calls):
-            y = call(self.block, h.to(self.device, non_blocking=True))
+    def forward(self, keep_outputs: bool = False, in_place: bool = False) -> list[torch.Tensor] | None:
+        """Run the block on every batch (hooks fire); return the outputs if asked, on the activation device.
+
+        `in_place`: each batch's output replaces its input in `self.inputs` as soon as it is computed, so the
+        inputs and outputs of all batches are never held at once. A hook may end a batch's forward early by
+        raising StopBlockForward (the statistics pass needs nothing after the block's last linear layer)."""
+        outs = self.inputs if in_place else ([] if keep_outputs else None)
+        for b in range(len(self.inputs)):
+            h = self.inputs[b]
+            try:
+                y = self.calls[b](self.block, h.to(self.device, non_blocking=True))
+            except StopBlockForward:
+                continue
             if outs is not None:
-                outs.append(y.to(h.device, non_blocking=True))
+                y = y.to(h.device, non_blocking=True)
+                if in_place:
+                    outs[b] = y
+                else:
+                    outs.append(y)
+            del h
         return outs
 
 
@@ -69,10 +83,14 @@ def choose_activation_device(tokens: torch.Tensor, hidden_size: int, dtype: torc
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[BlockContext], None], *,
                    device: torch.device, batch_size: int, offload_activations: str = "auto",
-                   propagate_last: bool = False, desc: str = "prune") -> list[dict[str, float]]:
+                   propagate_last: bool = False, desc: str = "prune", writeback: bool = True,
+                   release_inputs: bool = False, prefetch: bool = True) -> list[dict[str, float]]:
     """Run `process` on every block in order; block i+1's inputs are block i's outputs after `process`.
 
-    Returns the per-block timings (seconds)."""
+    `writeback`: `process` changes the blocks, copy them back to host memory. `release_inputs`: `process` keeps
+    no reference to `ctx.inputs`, so block i's outputs may replace its inputs batch by batch (less memory).
+    `prefetch`: on a GPU, move block i+1 in and block i-1 out while block i runs. Returns the per-block
+    timings (seconds)."""
     blocks: Blocks = find_blocks(model)
     n = len(blocks)
     dtype = next(model.parameters()).dtype
@@ -85,27 +103,37 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
              time.perf_counter() - t0, act_device)
     timings = []
     bar = tqdm(range(n), desc=desc, unit="block", leave=False)
-    for i in bar:
-        block = blocks[i]
-        t = time.perf_counter()
-        home = move_block(block, device)
-        ctx = BlockContext(i, n, block, device, hidden, calls[i])
-        bar.set_description(f"{desc}: block {i + 1}/{n}")
-        try:
-            process(ctx)
-            if i < n - 1 or propagate_last:
-                tp = time.perf_counter()
-                hidden = ctx.forward(keep_outputs=True)
-                _sync(device)  # device-to-host copies are asynchronous: finish them before reading
-                for b, h in enumerate(hidden):
-                    if not torch.isfinite(h).all():
-                        raise LLMPruneError(f"NaN or Inf in the activations after block {i} (batch {b}); "
-                                            "try --dtype float32 or bfloat16")
-                ctx.timings["propagate"] = time.perf_counter() - tp
-        finally:
-            return_block(block, home)  # also on errors: the block goes back to its host storage
-        ctx.timings["total"] = time.perf_counter() - t
-        timings.append(ctx.timings)
-        log.info("block %d/%d: %.2f s (%s)", i + 1, n, ctx.timings["total"],
-                 ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items() if k != "total"))
+    shuttle = BlockShuttle(blocks.modules, device, writeback=writeback, prefetch=prefetch)
+    try:
+        for i in bar:
+            t = time.perf_counter()
+            block = shuttle.get(i)
+            ctx = BlockContext(i, n, block, device, hidden, calls[i])
+            bar.set_description(f"{desc}: block {i + 1}/{n}")
+            try:
+                process(ctx)
+                if i < n - 1 or propagate_last:
+                    tp = time.perf_counter()
+                    hidden = ctx.forward(keep_outputs=True, in_place=release_inputs)
+                    _check_finite(hidden, i, device)
+                    ctx.timings["propagate"] = time.perf_counter() - tp
+            finally:
+                shuttle.put(i)  # also on errors: the block goes back to its host storage
+            ctx.timings["total"] = time.perf_counter() - t
+            timings.append(ctx.timings)
+            log.info("block %d/%d: %.2f s (%s)", i + 1, n, ctx.timings["total"],
+                     ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items() if k != "total"))
+    finally:
+        shuttle.close()  # every block's values are back in host memory
     return timings
+
+
+def _check_finite(hidden: list[torch.Tensor], index: int, device: torch.device) -> None:
+    """One device-side reduction over all batches, one synchronization (device-to-host copies are
+    asynchronous: they are finished before reading)."""
+    _sync(device)
+    bad = torch.stack([torch.isfinite(h).all() for h in hidden]).logical_not()
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise LLMPruneError(f"NaN or Inf in the activations after block {index} (batch {b}); "
+                            "try --dtype float32 or bfloat16")

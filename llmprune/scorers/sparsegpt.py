@@ -48,6 +48,61 @@ def sparsegpt_inverse_hessian(hessian: torch.Tensor, percdamp: float = 0.01):
     )
 
 
+def _obs_columns(W1t: torch.Tensor, Hs: torch.Tensor, inv_d: torch.Tensor, scale_t: torch.Tensor,
+                 mask_t: torch.Tensor, Err1t: torch.Tensor, n: int, m: int) -> None:
+    """The sequential part of one lazy block, in place, in transposed layout (columns are rows here).
+
+    W1t (count, out): the block's weights; Hs (count, count): the strictly upper part of the block of the
+    Cholesky factor; inv_d (count,): 1 / its diagonal; mask_t (count, out): True = pruned (filled here every M
+    columns for N:M when m > 0); scale_t (count, out): mask / d (filled here for N:M). For each column i, the
+    error e = w_i * [pruned] / d_i (OBS: (w - q) / [H^-1]_ii) goes to Err1t[i] and is spread over the later
+    columns, W1t[j] -= Hs[i, j] * e. Column i itself is not updated, so it keeps the value it was pruned from.
+    Every shape is fixed, so the loop can be captured in a CUDA graph."""
+    count = W1t.shape[0]
+    for i in range(count):
+        if m and i % m == 0:
+            blk = W1t[i : i + m]  # (M, out)
+            sal = blk.square() * inv_d[i : i + m].square().unsqueeze(1)  # w^2 / d^2
+            idx = torch.topk(sal, m - n, dim=0, largest=False, sorted=False).indices  # (M-N, out)
+            mask_t[i : i + m].zero_().scatter_(0, idx, True)
+            torch.mul(mask_t[i : i + m], inv_d[i : i + m].unsqueeze(1), out=scale_t[i : i + m])
+        torch.mul(W1t[i], scale_t[i], out=Err1t[i])
+        W1t.addr_(Hs[i], Err1t[i], alpha=-1.0)
+
+
+class _GraphedColumns:
+    """`_obs_columns` captured once per (count, out, N:M) shape in a CUDA graph and replayed for every lazy
+    block of that shape: one launch instead of thousands of small kernels and their Python overhead."""
+
+    def __init__(self, count: int, rows: int, n: int, m: int, device: torch.device):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.W1t, self.Hs = torch.zeros(count, rows, **f32), torch.zeros(count, count, **f32)
+        self.inv_d, self.scale_t = torch.ones(count, **f32), torch.zeros(count, rows, **f32)
+        self.Err1t = torch.zeros(count, rows, **f32)
+        self.mask_t = torch.zeros(count, rows, dtype=torch.bool, device=device)
+        self.n, self.m = n, m
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+            self._run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # block transfers go on meanwhile
+            self._run()
+
+    def _run(self) -> None:
+        _obs_columns(self.W1t, self.Hs, self.inv_d, self.scale_t, self.mask_t, self.Err1t, self.n, self.m)
+
+    def __call__(self, W1t, Hs, inv_d, scale_t, mask_t):
+        self.W1t.copy_(W1t)
+        self.Hs.copy_(Hs)
+        self.inv_d.copy_(inv_d)
+        self.scale_t.copy_(scale_t)
+        self.mask_t.copy_(mask_t)
+        self.graph.replay()
+        return self.W1t, self.mask_t, self.Err1t  # valid until the next call
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -56,52 +111,60 @@ def sparsegpt_prune(
     pattern: Pattern,
     group: str = "per-layer",
     blocksize: int = 128,
+    graphs: dict | None = None,
 ) -> PruneResult:
     """Prune `weight` (out, in) with OBS updates. Returns the updated float32 weight and its mask.
 
     Unstructured: in each lazy block, the `int(sparsity * size)` lowest saliencies of the block
     (`per-layer`: across all rows, the reference; `per-row`: within each row) are pruned.
     N:M: every M columns, the M-N lowest saliencies of each row are pruned, using the already-updated weights.
+    `graphs`: a dict to cache CUDA graphs of the column loop in (on CUDA; None = run it eagerly).
     """
     W = weight.float().clone(memory_format=torch.contiguous_format)  # (out, in)
     rows, cols = W.shape
     W[:, dead] = 0
     mask = torch.zeros_like(W, dtype=torch.bool)
+    nm = pattern.kind == "nm"
+    n, m = (pattern.n, pattern.m) if nm else (0, 0)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # (out, count)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].t().contiguous()  # (count, out)
         Hinv1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
-        d = Hinv1.diagonal()  # (count,)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if pattern.kind == "unstructured":
-            sal = W1.square() / d.square().unsqueeze(0)  # (out, count)
+        inv_d = Hinv1.diagonal().reciprocal()  # (count,)
+        mask_t = torch.zeros_like(W1t, dtype=torch.bool)
+        scale_t = torch.zeros_like(W1t)
+        if not nm:
+            sal = W1t.square() * inv_d.square().unsqueeze(1)  # (count, out): w^2 / [H^-1]_jj^2
             if group == "per-layer":
                 k = int(sal.numel() * pattern.sparsity)
                 if k:
-                    mask1.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
+                    mask_t.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
             else:
                 k = int(count * pattern.sparsity)
                 if k:
-                    mask1.scatter_(1, lowest_k(sal, k, 1), True)
-        n, m = pattern.n, pattern.m
-        for i in range(count):
-            w = W1[:, i]
-            if pattern.kind == "nm" and i % m == 0:
-                sal = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)  # (out, M)
-                idx = lowest_k(sal, m - n, 1)
-                mask1[:, i : i + m].scatter_(1, idx, True)
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]  # (out,)
-            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
+                    mask_t.scatter_(0, lowest_k(sal, k, 0), True)
+            torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
+        Hs = Hinv1.triu(1)
+        graph = None
+        if graphs is not None and W.is_cuda and (not nm or count % m == 0):
+            key = (count, rows, n, m)
+            if key not in graphs:
+                try:
+                    graphs[key] = _GraphedColumns(count, rows, n, m, W.device)
+                except Exception as e:  # noqa: BLE001 - a capture failure only costs speed
+                    log.warning("SparseGPT: CUDA graph capture failed (%s); running the column loop eagerly", e)
+                    graphs[key] = None
+            graph = graphs[key]
+        if graph is not None:
+            W1t, mask_t, Err1t = graph(W1t, Hs, inv_d, scale_t, mask_t)
+        else:
+            Err1t = torch.empty_like(W1t)
+            _obs_columns(W1t, Hs, inv_d, scale_t, mask_t, Err1t, n, m)
+        W[:, i1:i2] = W1t.t().masked_fill(mask_t.t(), 0.0)
+        mask[:, i1:i2] = mask_t.t()
         if i2 < cols:
-            W[:, i2:].sub_(Err1.matmul(hinv_upper[i1:i2, i2:]))
+            W[:, i2:].sub_(Err1t.t().matmul(hinv_upper[i1:i2, i2:]))
     apply_mask_(W, mask)
     return PruneResult(mask=mask, weight=W)
 
@@ -114,6 +177,7 @@ class SparseGPT(Scorer):
     def __init__(self, config=None):
         super().__init__(config)
         self._cached: tuple[LayerStats, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._graphs: dict = {}  # CUDA graphs of the column loop, per shape, kept for the whole run
 
     def inverse_hessian(self, stats: LayerStats):
         # Layers that read the same input (q/k/v, gate/up) share one LayerStats: factor its Hessian once.
@@ -130,4 +194,4 @@ class SparseGPT(Scorer):
             return PruneResult(torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))  # a no-op
         hinv, dead = self.inverse_hessian(stats)
         blocksize = self.config.sparsegpt_blocksize if self.config is not None else 128
-        return sparsegpt_prune(weight, hinv, dead, pattern, group, blocksize)
+        return sparsegpt_prune(weight, hinv, dead, pattern, group, blocksize, self._graphs)
