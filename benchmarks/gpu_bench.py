@@ -221,15 +221,16 @@ def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=(
     return out
 
 
-def memory_terms(model, n: int, seqlen: int, batch: int, peak: int | None, dtype_bytes: int = 2) -> dict:
+def memory_terms(model, n: int, seqlen: int, batch: int, peak: int | None, dtype_bytes: int = 2,
+                 calibrated: bool = True) -> dict:
     """The terms of the peak GPU memory: blocks' weights (up to three on the GPU: one coming, one in use,
     one going back), the calibration activations (one set, outputs replace inputs batch by batch, plus one
     batch of outputs), and the rest (workspace: one batch's intermediate tensors, statistics, masks)."""
     cfg = model.config
     block = sum(p.numel() for p in model.model.layers[0].parameters()) * dtype_bytes
-    acts = n * seqlen * cfg.hidden_size * dtype_bytes
+    acts = n * seqlen * cfg.hidden_size * dtype_bytes if calibrated else 0
     out = {"block_weights_bytes": block, "blocks_on_gpu_max": 3, "activations_bytes": acts,
-           "one_batch_outputs_bytes": batch * seqlen * cfg.hidden_size * dtype_bytes}
+           "one_batch_outputs_bytes": batch * seqlen * cfg.hidden_size * dtype_bytes if calibrated else 0}
     if peak is not None:
         out["workspace_bytes"] = peak - 3 * block - acts - out["one_batch_outputs_bytes"]
     return out
@@ -279,7 +280,8 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_plac
                    "gpu_total_bytes": gpu_total, "gpu_cap_bytes": int(gpu_cap_gib * 2**30) if gpu_cap_gib else None,
                    "wall_seconds": wall, "floor_seconds": floor, "ratio_to_floor": wall / floor,
                    "timings": rep.timings, "sparsity": rep.sparsity,
-                   "peak_gpu_bytes": peak, "memory_terms": memory_terms(cpu_model, n, seqlen, batch, peak),
+                   "peak_gpu_bytes": peak, "memory_terms": memory_terms(cpu_model, n, seqlen, batch, peak,
+                                                                            calibrated=method != "magnitude"),
                    "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                    "calibration": f"{n} x {seqlen} random token ids", "block_timings_first": rep.block_timings[:2]}
             results.append(row)

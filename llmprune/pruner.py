@@ -115,6 +115,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     block_timings: list[dict[str, float]] = []
     need = scorer.needs
     zeros: dict[str, tuple[int, int]] = {}
+    transfers: dict[str, float] = {}
     blocks_path = find_blocks(model).path
 
     if need == "none":
@@ -131,6 +132,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
                 block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
         finally:
             shuttle.close()
+            transfers.update(shuttle.transfer_seconds)
     else:
         if calibration is None:
             raise LLMPruneError(f"method {config.method} needs calibration data")
@@ -146,17 +148,17 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             with observe(ctx.block, layers, need, stop_early=True) as stats:
                 ctx.forward()
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                torch.cuda.current_stream(device).synchronize()
             ctx.timings["calibrate"] = time.perf_counter() - t
             t = time.perf_counter()
             _prune_layers(scorer, layers, stats, config, f"{blocks_path}.{ctx.index}", zeros)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                torch.cuda.current_stream(device).synchronize()
             ctx.timings["prune"] = time.perf_counter() - t
 
         block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
                                        offload_activations=config.offload_activations, desc=config.method,
-                                       release_inputs=True)
+                                       release_inputs=True, transfers=transfers)
     zeros = {k: (int(z), n) for k, (z, n) in zeros.items()}
     total = time.perf_counter() - t0
     layer_sp = {k: z / n for k, (z, n) in zeros.items()}
@@ -164,6 +166,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     timings = {"prune_total": total}
     for key in ("calibrate", "prune", "propagate"):
         timings[key] = sum(bt.get(key, 0.0) for bt in block_timings)
+    for key, v in transfers.items():  # overlapped with the computation on a GPU
+        timings[f"blocks_{key}"] = v
     peak = {"host_max_rss": _peak_host_memory(),
             "gpu_max_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     log.info("%s %s: %.1f %% of block weights pruned in %.1f s", config.method, config.pattern_spec.name,

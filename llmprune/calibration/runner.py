@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the compute stream only (block transfers run on their own stream meanwhile)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
@@ -84,13 +85,15 @@ def choose_activation_device(tokens: torch.Tensor, hidden_size: int, dtype: torc
 def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[BlockContext], None], *,
                    device: torch.device, batch_size: int, offload_activations: str = "auto",
                    propagate_last: bool = False, desc: str = "prune", writeback: bool = True,
-                   release_inputs: bool = False, prefetch: bool = True) -> list[dict[str, float]]:
+                   release_inputs: bool = False, prefetch: bool = True,
+                   transfers: dict[str, float] | None = None) -> list[dict[str, float]]:
     """Run `process` on every block in order; block i+1's inputs are block i's outputs after `process`.
 
     `writeback`: `process` changes the blocks, copy them back to host memory. `release_inputs`: `process` keeps
     no reference to `ctx.inputs`, so block i's outputs may replace its inputs batch by batch (less memory).
     `prefetch`: on a GPU, move block i+1 in and block i-1 out while block i runs. Returns the per-block
-    timings (seconds)."""
+    timings (seconds); `transfers`, if given, receives the seconds spent moving blocks (overlapped with the
+    computation on a GPU)."""
     blocks: Blocks = find_blocks(model)
     n = len(blocks)
     dtype = next(model.parameters()).dtype
@@ -125,6 +128,8 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
                      ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items() if k != "total"))
     finally:
         shuttle.close()  # every block's values are back in host memory
+        if transfers is not None:
+            transfers.update(shuttle.transfer_seconds)
     return timings
 
 

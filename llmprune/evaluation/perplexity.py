@@ -6,6 +6,7 @@ the first 256 windows (the reference's choice)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
+from ..models import find_blocks
 from ..registry import unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,24 @@ def _window_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return loss.view(x.shape[0], -1).mean(dim=1)
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module):
+    """Within the context, each Transformer block runs through `torch.compile` (regional compilation: the
+    blocks share their code, so one compilation serves all of them; RMSNorm, rotary and activations fuse).
+
+    The model's top level stays eager on purpose: transformers then skips building the causal mask and SDPA
+    runs its causal flash kernel, whereas under a whole-model compile transformers materializes the mask with
+    torch < 2.14 (see `_ignore_causal_mask_sdpa`) and SDPA falls back to a masked kernel."""
+    blocks = find_blocks(model).modules
+    for block in blocks:
+        block.compile(dynamic=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # back to the eager forward
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
                device: str | torch.device | None = None, max_windows: int | None = None,
@@ -57,7 +77,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
 
     Logits are upcast to float32 for the loss; returns the protocol with the number. Batches are made equal in
-    size (so a compiled forward sees one shape); `compile=True` runs the forward through `torch.compile`."""
+    size (so a compiled forward sees one shape); `compile=True` compiles the Transformer blocks
+    (`compiled_blocks`)."""
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)
@@ -70,13 +91,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     home = next(model.parameters()).device
     if home != dev:
         model.to(dev)
-    step = torch.compile(_window_nll, dynamic=False) if compile else _window_nll  # fuses the float32 loss too
     t0 = time.perf_counter()
     nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
     try:
-        for b0 in range(0, nwin, batch_size):
-            x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
-            nll_sum += step(model, x).double().sum()
+        with compiled_blocks(model) if compile else contextlib.nullcontext():
+            for b0 in range(0, nwin, batch_size):
+                x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
+                nll_sum += _window_nll(model, x).double().sum()
         nll_sum = nll_sum.cpu()
     finally:
         if home != dev:

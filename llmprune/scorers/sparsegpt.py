@@ -56,7 +56,7 @@ def _obs_columns(W1t: torch.Tensor, Hs: torch.Tensor, inv_d: torch.Tensor, scale
     Cholesky factor; inv_d (count,): 1 / its diagonal; mask_t (count, out): True = pruned (filled here every M
     columns for N:M when m > 0); scale_t (count, out): mask / d (filled here for N:M). For each column i, the
     error e = w_i * [pruned] / d_i (OBS: (w - q) / [H^-1]_ii) goes to Err1t[i] and is spread over the later
-    columns, W1t[j] -= Hs[i, j] * e. Column i itself is not updated, so it keeps the value it was pruned from.
+    columns, W1t[j] -= Hs[i, j] * e for j > i. Column i itself is not updated, so it keeps the value it was pruned from.
     Every shape is fixed, so the loop can be captured in a CUDA graph."""
     count = W1t.shape[0]
     for i in range(count):
@@ -67,7 +67,8 @@ def _obs_columns(W1t: torch.Tensor, Hs: torch.Tensor, inv_d: torch.Tensor, scale
             mask_t[i : i + m].zero_().scatter_(0, idx, True)
             torch.mul(mask_t[i : i + m], inv_d[i : i + m].unsqueeze(1), out=scale_t[i : i + m])
         torch.mul(W1t[i], scale_t[i], out=Err1t[i])
-        W1t.addr_(Hs[i], Err1t[i], alpha=-1.0)
+        if i + 1 < count:  # only the later columns change (Hs is strictly upper triangular)
+            W1t[i + 1 :].addr_(Hs[i, i + 1 :], Err1t[i], alpha=-1.0)
 
 
 class _GraphedColumns:
