@@ -58,7 +58,7 @@ def test_gpu_half_precision_hessian_is_exact_and_graphed_sparsegpt_equals_eager(
     add_to_stats(st, x, "hessian")
     ref = x.reshape(-1, 256).double().t() @ x.reshape(-1, 256).double()
     assert st.hessian.dtype == torch.float32
-    assert float((st.hessian.double() - ref).norm() / ref.norm()) < 1e-6  # float32 accumulation, exact products
+    assert float((st.hessian.double() - ref).norm() / ref.norm()) < 2e-5  # float32 accumulation (a bf16 result: ~4e-3)
     hinv, dead = sparsegpt_inverse_hessian(st.hessian)
     w = torch.randn(384, 256, device="cuda", generator=g)
     for pattern in (Pattern.parse("unstructured", 0.5), Pattern.parse("2:4", None)):
