@@ -250,7 +250,7 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_plac
     weights_bytes = sum(p.numel() * p.element_size() for p in cpu_model.parameters())
     gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     if gpu_cap_gib and dev.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / gpu_total), dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / gpu_total), dev.index or 0)
     n, seqlen = (128, 2048) if not smoke else (4, 32)
     tokens = torch.randint(0, cpu_model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
     blk, _ = linear_params(cpu_model)
