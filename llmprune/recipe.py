@@ -553,5 +553,61 @@ def render_comparison(rows: Sequence[Mapping]) -> str:
     return text
 
 
+def _cell_key(row: Mapping) -> tuple[str, str] | None:
+    """(method, setting) of a weight-pruning cell that ran: setting = the N:M pattern or the sparsity."""
+    prune = (row.get("recipe") or {}).get("prune")
+    if row.get("status", "ok") != "ok" or not prune or row.get("ours") is None or (row.get("recipe") or {}).get("blocks"):
+        return None
+    pattern = prune.get("pattern") or "unstructured"
+    setting = pattern if pattern != "unstructured" else f"{100 * float(prune.get('sparsity') or 0):g} %"
+    return prune["method"], setting
+
+
+def ordering_checks(rows: Sequence[Mapping]) -> dict:
+    """The papers' qualitative claims, checked on a table's cells (lower metric = better, e.g. perplexity):
+    SparseGPT and Wanda (and RIA) beat magnitude at every setting (Wanda Table 3, SparseGPT Fig. 1), and for
+    each method unstructured beats 4:8, which beats 2:4 at 50 % (Wanda Table 3). Returns the method x setting
+    grid and the list of {claim, holds, values} for the claims the cells allow."""
+    grid: dict[str, dict[str, float]] = {}
+    for row in rows:
+        key = _cell_key(row)
+        if key:
+            grid.setdefault(key[0], {})[key[1]] = float(row["ours"])
+    def order(s: str):  # unstructured by sparsity, then N:M with the larger M (the looser pattern) first
+        return (1, -int(s.split(":")[1])) if ":" in s else (0, float(s.split()[0]))
+
+    settings = sorted({s for m in grid.values() for s in m}, key=order)
+    claims = []
+    for better in ("sparsegpt", "wanda", "ria"):
+        for s in settings:
+            if better in grid and "magnitude" in grid and s in grid[better] and s in grid["magnitude"]:
+                a, b = grid[better][s], grid["magnitude"][s]
+                claims.append({"claim": f"{better} < magnitude at {s}", "holds": a < b, "values": [a, b]})
+    chain = [s for s in ("50 %", "4:8", "2:4") if s in settings]
+    for method, vals in grid.items():
+        have = [s for s in chain if s in vals]
+        for lo, hi in zip(have, have[1:]):
+            claims.append({"claim": f"{method}: {lo} < {hi}", "holds": vals[lo] < vals[hi],
+                           "values": [vals[lo], vals[hi]]})
+    return {"grid": grid, "settings": settings, "claims": claims}
+
+
+def render_orderings(checks: Mapping) -> str:
+    """Markdown: the method x setting grid, then each claim with yes/**no**."""
+    grid, settings, claims = checks["grid"], checks["settings"], checks["claims"]
+    if not grid or not claims:
+        return ""
+    lines = ["| Method | " + " | ".join(settings) + " |", "| :--- | " + " | ".join(["---:"] * len(settings)) + " |"]
+    for method, vals in grid.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(vals.get(s), 2) if s in vals else "-" for s in settings) + " |")
+    held = sum(c["holds"] for c in claims)
+    lines += ["", f"The papers' orderings: {held} of {len(claims)} hold.", "",
+              "| Claim (lower is better) | Values | Holds? |", "| :--- | ---: | :---: |"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | {' vs '.join(_fmt(v, 2) for v in c['values'])} | "
+                     f"{'yes' if c['holds'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["Recipe", "PaperNumber", "load_recipe", "load_table", "recipe_files", "table_title", "with_data_dir",
-           "cell_metric", "measured_value", "compare", "render_comparison"]
+           "cell_metric", "measured_value", "compare", "render_comparison", "ordering_checks", "render_orderings"]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLMPruneError
-from .recipe import (Recipe, cell_metric, compare, load_table, measured_value, render_comparison, table_title,
-                     with_data_dir)
+from .recipe import (Recipe, cell_metric, compare, load_table, measured_value, ordering_checks, render_comparison,
+                     render_orderings, table_title, with_data_dir)
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,15 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
                     cell.update(compare(r.paper, cell["ours"]))
         cells.append(cell)
 
+    orderings = ordering_checks(cells)
     table = f"# {title}\n\n" + render_comparison(cells)
+    if orderings["claims"]:
+        table += "\n## Orderings\n\n" + render_orderings(orderings)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(c["status"] == s for c in cells) for s in ("ok", "skipped", "failed")}
-    data = {"table": str(table_path), "title": title, "counts": counts, "cells": cells, "versions": package_versions()}
+    data = {"table": str(table_path), "title": title, "counts": counts, "cells": cells, "orderings": orderings,
+            "versions": package_versions()}
     results_path = write_json(out / "results.json", data)
     comparison_path = out / "comparison.md"
     comparison_path.write_text(table, encoding="utf-8")
