@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export LLMPRUNE_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test bench bench-cpu readme-tables clean
+.PHONY: env demo test bench bench-cpu bench-gpu readme-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ bench-cpu: env
 	$(PY) benchmarks/render_readme.py
 
 bench: bench-cpu
+
+bench-gpu: env
+	$(PY) benchmarks/gpu_bench.py ppl prune --shape llama2-7b
+	$(PY) benchmarks/gpu_bench.py prune --shape llama3-8b
+	$(PY) benchmarks/gpu_bench.py prune --shape llama-30b --host-model --methods wanda --patterns unstructured --gpu-cap-gib 24
+	$(PY) benchmarks/gpu_sparse24.py --shape llama2-7b
+	$(PY) benchmarks/render_readme.py
 
 readme-tables: env
 	$(PY) benchmarks/render_readme.py
