@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmprune.export.sparse24 import (  # noqa: E402
-    accelerate_2of4_, cuda_time_ms, is_2of4, set_sparse24_mode, sparse24_layers)
+    accelerate_2of4_, available_backends, cuda_time_ms, is_2of4, set_sparse24_mode, sparse24_layers)
 from llmprune.masks import apply_mask_, nm_mask  # noqa: E402
 from llmprune.models import find_blocks, linear_layers  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
@@ -50,6 +51,8 @@ SHAPES = {
                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=256),
 }
 TARGETS = {"prefill": 1.2, "decode": 1.0}
+VARIANTS = ("eager", "graph", "graph_flash", "static_eager")  # timed variants of one model state
+NOISE_FLOOR = 0.005  # smallest relative timing difference treated as real between separately captured runs
 T0 = time.perf_counter()
 
 
@@ -213,20 +216,76 @@ def capture(fn, dev, warmup: int = 2):
     return g, out
 
 
+@contextmanager
+def causal_mask_skip_under_capture(enabled: bool = True):
+    """Let transformers skip the explicit causal mask while a CUDA graph is captured.
+
+    transformers' `masking_utils._ignore_causal_mask_sdpa` returns False when `is_tracing(padding_mask)`, and its
+    `is_tracing` counts CUDA-stream capture as tracing (5.17: even with no padding mask; 5.23 only checks a given
+    mask). So a prefill captured in a CUDA graph builds a 4-D causal mask and SDPA runs a masked kernel instead of
+    flash, although eager runs of the same call pass `is_causal=True`. With no attention mask there is nothing to read
+    on the host, and a graph replayed with the same shapes and no padding needs exactly `is_causal=True`; inside this
+    context masking_utils' `is_tracing()` called without a tensor ignores stream capture (dynamo/jit still count)."""
+    import transformers.masking_utils as mu
+
+    orig = getattr(mu, "is_tracing", None)
+    if not enabled or orig is None:
+        yield False
+        return
+    from transformers.utils import import_utils as iu
+
+    def is_tracing(tensor=None):
+        if tensor is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return bool(getattr(iu, "is_torchdynamo_compiling", lambda: False)()
+                        or getattr(iu, "is_jit_tracing", lambda: False)())
+        return orig(tensor)
+    mu.is_tracing = is_tracing
+    try:
+        yield True
+    finally:
+        mu.is_tracing = orig
+
+
+@contextmanager
+def sdpa_probe(counts: dict):
+    """Count, at the Python level, the SDPA calls made while a CUDA graph is captured, with and without a mask."""
+    F = torch.nn.functional
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kw):
+        if not torch.cuda.is_current_stream_capturing():
+            return orig(*args, **kw)
+        masked = kw.get("attn_mask", args[3] if len(args) > 3 else None) is not None
+        counts["masked" if masked else "is_causal" if kw.get("is_causal") else "unmasked"] += 1
+        return orig(*args, **kw)
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield counts
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
 @torch.no_grad()
-def bench_prefill(model, ids, dev, warmup: int, runs: int, graph: bool) -> dict:
+def bench_prefill(model, ids, dev, warmup: int, runs: int, graph: bool, flash: bool = False) -> dict:
+    """Prefill timing; graph=True captures one forward in a CUDA graph (flash=True: without transformers'
+    capture-time causal mask, see `causal_mask_skip_under_capture`) and checks its logits against an eager call."""
     if not graph:
         return stats_ms(time_runs(lambda: prefill_call(model, ids), dev, warmup, runs))
-    static, protocol = ids.clone(), "DynamicCache"
+    static, protocol = ids.clone(), "DynamicCache" + (", causal mask skipped under capture" if flash else "")
+    sdpa = {"masked": 0, "is_causal": 0, "unmasked": 0}
+    with causal_mask_skip_under_capture(flash), sdpa_probe(sdpa):
+        try:
+            g, out = capture(lambda: prefill_call(model, static), dev)
+        except Exception as e:  # noqa: BLE001 - e.g. the cache's lazy set-up refused under capture
+            protocol = f"use_cache=False (DynamicCache capture failed: {type(e).__name__})"
+            torch.cuda.synchronize(dev)
+            g, out = capture(lambda: prefill_call(model, static, cache=False), dev)
     try:
-        g, _ = capture(lambda: prefill_call(model, static), dev)
-    except Exception as e:  # noqa: BLE001 - e.g. the cache's lazy set-up refused under capture: capture without a cache
-        # (transformers then builds an explicit causal mask while capturing, so attention leaves the flash kernel)
-        protocol = f"use_cache=False (DynamicCache capture failed: {type(e).__name__})"
-        torch.cuda.synchronize(dev)
-        g, _ = capture(lambda: prefill_call(model, static, cache=False), dev)
-    try:
-        return {**stats_ms(time_runs(g.replay, dev, warmup, runs)), "protocol": protocol}
+        g.replay()
+        ref = prefill_call(model, ids).float()
+        check = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        return {**stats_ms(time_runs(g.replay, dev, warmup, runs)), "protocol": protocol,
+                "sdpa_calls_in_capture": sdpa, "rel_err_vs_eager_call": check}
     finally:
         del g
         torch.cuda.empty_cache()
@@ -237,7 +296,7 @@ def decode_eager_once(model, prompt, new_tokens: int, dev) -> tuple[float, torch
     """Greedy decode with a DynamicCache; (seconds for the `new_tokens` steps, tokens (batch, new_tokens))."""
     out = model(input_ids=prompt, use_cache=True)
     cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    toks = []
+    toks = [nxt]  # the token predicted from the prompt, then one per timed step
     sync(dev)
     t = time.perf_counter()
     for _ in range(new_tokens):
@@ -250,7 +309,7 @@ def decode_eager_once(model, prompt, new_tokens: int, dev) -> tuple[float, torch
 
 @torch.no_grad()
 def bench_decode_eager(model, prompt, new_tokens: int, dev, runs: int) -> dict:
-    decode_eager_once(model, prompt, min(4, new_tokens), dev)  # warm-up
+    decode_eager_once(model, prompt, new_tokens, dev)  # warm-up (a short one left the first timed run an outlier)
     secs, toks = [], None
     for _ in range(runs):
         s, toks = decode_eager_once(model, prompt, new_tokens, dev)
@@ -295,7 +354,7 @@ def bench_decode_static(model, prompt, new_tokens: int, dev, runs: int, graph: b
         for _ in range(new_tokens):
             toks.append(ids.clone())
             run_step()
-        tokens = torch.cat(toks, 1)[:, 1:]  # the inputs of steps 2..N are the outputs of steps 1..N-1
+        tokens = torch.cat(toks, 1)  # the token predicted from the prompt, then the outputs of steps 1..N-1
 
         def one_run():
             reset()
@@ -324,12 +383,64 @@ def sparse_layers_at(model, tokens: int) -> int:
     return sum(1 for m in sparse24_layers(model).values() if tokens * m.in_features >= m._dense_numel)
 
 
+def compare_logits(logits: torch.Tensor, ref: torch.Tensor) -> dict:
+    logits, ref = logits.float(), ref.to(logits.device).float()
+    return {"rel_error": float((logits - ref).norm() / ref.norm()),
+            "top1_agreement": float((logits.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
 @torch.no_grad()
-def logits_check(model, ids, ref: torch.Tensor) -> dict:
+def logits_check(model, ids, ref: torch.Tensor, ref32: torch.Tensor | None = None) -> dict:
     logits = model(input_ids=ids, use_cache=False).logits.float()
-    rel = float((logits - ref).norm() / ref.norm())
-    top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
-    return {"rel_error": rel, "top1_agreement": top1, "sparse_layers": sparse_layers_at(model, ids.numel())}
+    out = {**compare_logits(logits, ref), "sparse_layers": sparse_layers_at(model, ids.numel())}
+    if ref32 is not None:
+        out["vs_fp32"] = compare_logits(logits, ref32)
+    return out
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt, tokens) -> float | None:
+    """Top-1 agreement with `tokens` (batch, n: greedy continuation of `prompt`) when every position is fed the
+    reference's own previous tokens: per-position agreement without greedy decoding's cascade after one flip."""
+    if not tokens:
+        return None
+    t = torch.tensor(tokens, device=prompt.device)
+    seq = torch.cat([prompt, t[:, :-1]], 1)
+    pred = model(input_ids=seq, use_cache=False).logits[:, prompt.shape[1] - 1:].argmax(-1)
+    return float((pred == t).float().mean())
+
+
+@torch.no_grad()
+def fp32_reference(model, ids, prompt, new_tokens: int, dev, dense_tokens) -> dict:
+    """The same (pruned, dense-format) model in float32: its logits on `ids`, its greedy tokens after `prompt`,
+    and its teacher-forced agreement with the bf16 greedy tokens. The parameters are cast in place and cast back
+    (bf16 -> fp32 -> bf16 is exact); buffers (rotary inv_freq, already fp32) are left alone."""
+    params = list(model.parameters())
+    dtype = params[0].dtype
+    for p_ in params:
+        p_.data = p_.data.float()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
+        _, toks = decode_eager_once(model, prompt, new_tokens, dev)
+        tf = teacher_forced(model, prompt, dense_tokens)
+    finally:
+        for p_ in params:
+            p_.data = p_.data.to(dtype)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"logits": logits, "tokens": toks.tolist(), "teacher_forced_vs_bf16_dense_greedy": tf}
+
+
+@torch.no_grad()
+def bf16_alt_logits(model, ids) -> torch.Tensor:
+    """The dense bf16 model with cuBLAS's reduced-precision bf16 reductions disabled: another valid bf16 result."""
+    m = torch.backends.cuda.matmul
+    prev = m.allow_bf16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = not prev
+    try:
+        return model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        m.allow_bf16_reduced_precision_reduction = prev
 
 
 @torch.no_grad()
@@ -338,6 +449,7 @@ def subclass_timings(model, token_counts, dev) -> dict:
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     seen, out = set(), {}
+    ok, why = available_backends(dev)
     for block in find_blocks(model).modules:
         for layer in linear_layers(block).values():
             key = tuple(layer.weight.shape)
@@ -347,6 +459,9 @@ def subclass_timings(model, token_counts, dev) -> dict:
             for backend, force in (("cusparselt", False), ("cutlass", True)):
                 prev = SparseSemiStructuredTensor._FORCE_CUTLASS
                 row = []
+                if backend not in ok:
+                    out.setdefault(f"{key[0]}x{key[1]}", {})[backend] = f"skipped: {why.get(backend)}"
+                    continue
                 try:
                     SparseSemiStructuredTensor._FORCE_CUTLASS = force
                     ws = to_sparse_semi_structured(layer.weight.data)
@@ -384,12 +499,39 @@ def kernel_table(report: dict, subclass: dict | None) -> list[dict]:
 def speedups(dense: dict, sparse: dict) -> dict:
     """Per-mode speedups (dense / 2:4, same mode) and the best-vs-best one."""
     out = {}
-    for mode in ("eager", "graph"):
+    for mode in VARIANTS:
         d, s = (dense.get(mode) or {}).get("median_ms"), (sparse.get(mode) or {}).get("median_ms")
-        out[mode] = d / s if d and s else None
-    bd = [v["median_ms"] for v in dense.values() if isinstance(v, dict) and v.get("median_ms")]
-    bs = [v["median_ms"] for v in sparse.values() if isinstance(v, dict) and v.get("median_ms")]
-    out["best"] = min(bd) / min(bs) if bd and bs else None
+        if d or s:
+            out[mode] = d / s if d and s else None
+    bd = {k: (dense.get(k) or {}).get("median_ms") for k in VARIANTS if (dense.get(k) or {}).get("median_ms")}
+    bs = {k: (sparse.get(k) or {}).get("median_ms") for k in VARIANTS if (sparse.get(k) or {}).get("median_ms")}
+    out["best"] = min(bd.values()) / min(bs.values()) if bd and bs else None
+    out["best_dense"] = min(bd, key=bd.get) if bd else None
+    out["best_sparse"] = min(bs, key=bs.get) if bs else None
+    return out
+
+
+def half_range(t: dict | None) -> float | None:
+    """(max - min) / 2 / median of one timing's runs."""
+    return (t["max_ms"] - t["min_ms"]) / 2 / t["median_ms"] if t and t.get("median_ms") else None
+
+
+def noise_and_pass(row: dict, target: float) -> dict:
+    """Per mode: the relative timing noise measured in this run and whether the speedup passes within it.
+
+    noise = max(half-range of the dense runs, half-range of the 2:4 runs, |control / dense - 1| where a control
+    was timed (the converted model forced dense: the dense kernels, measured beside the 2:4 ones), NOISE_FLOOR);
+    a mode passes within noise when dense / 2:4 >= target / (1 + noise)."""
+    dense, sparse, ctl = row.get("dense") or {}, row.get("sparse") or {}, row.get("control_forced_dense") or {}
+    out = {}
+    for mode, sp in row["speedup"].items():
+        if mode not in VARIANTS or sp is None:
+            continue
+        parts = {"dense_half_range": half_range(dense.get(mode)), "sparse_half_range": half_range(sparse.get(mode))}
+        c, d = (ctl.get(mode) or {}).get("median_ms"), (dense.get(mode) or {}).get("median_ms")
+        parts["control_vs_dense"] = abs(c / d - 1) if c and d else None
+        noise = max([v for v in parts.values() if v is not None] + [NOISE_FLOOR])
+        out[mode] = {**parts, "noise": noise, "speedup": sp, "pass_within_noise": sp >= target / (1 + noise)}
     return out
 
 
@@ -422,22 +564,59 @@ def print_summary(data: dict) -> None:
             print(f"{r['shape']:<11}{r['M']:>6}  {cell('dense'):>13}  {cell('cusparselt'):>13}  {cell('cutlass'):>13}  "
                   f"{fmt(r.get('subclass_cusparselt_eager_ms'), '.3f'):>8}  {runs('eager')}|{runs('graph')}   "
                   f"{r['decision']} {r.get('backend') or ''}")
-    print(f"\n{'end to end':<24}{'dense eager':>12}{'dense graph':>12}{'2:4 eager':>11}{'2:4 graph':>11}"
-          f"{'speedup':>9}{'target':>8}  pass")
+    print("\nend to end, median ms (decode: ms/token); e=eager g=CUDA graph f=graph, causal mask skipped under capture; "
+          "speedup = best dense / best 2:4 [variants]; noise = that row's measured relative noise")
+    print(f"{'':<14}{'dense e':>8}{'g':>8}{'f':>8}{'2:4 e':>8}{'g':>8}{'f':>8}{'speedup':>8} {'[best d/s]':<10}"
+          f"{'noise':>6}{'target':>7} pass/~noise")
     for phase in ("prefill", "decode"):
         for key, row in (data.get(phase) or {}).items():
-            d, s, sp = row.get("dense", {}), row.get("sparse", {}), row.get("speedup", {})
-            unit = "ms" if phase == "prefill" else "ms/token"
-            print(f"{phase + ' ' + key + ' (' + unit + ')':<24}{fmt((d.get('eager') or {}).get('median_ms')):>12}"
-                  f"{fmt((d.get('graph') or {}).get('median_ms')):>12}{fmt((s.get('eager') or {}).get('median_ms')):>11}"
-                  f"{fmt((s.get('graph') or {}).get('median_ms')):>11}{fmt(sp.get('best'), '.3f'):>9}"
-                  f"{TARGETS[phase]:>8.2f}  {row.get('pass')}")
+            d, s_, sp = row.get("dense", {}), row.get("sparse", {}), row.get("speedup", {})
+            med = lambda r, k: fmt((r.get(k) or {}).get("median_ms"))  # noqa: E731
+            kind = "graph" if (d.get("graph") or s_.get("graph")) else "static_eager"
+            nz = max([v.get("noise", 0) for v in (row.get("noise") or {}).values()] or [0])
+            short = lambda v: {"eager": "e", "graph": "g", "graph_flash": "f", "static_eager": "s"}.get(v, "-")  # noqa: E731
+            print(f"{phase[:3] + ' ' + key:<14}{med(d, 'eager'):>8}{med(d, kind):>8}{med(d, 'graph_flash'):>8}"
+                  f"{med(s_, 'eager'):>8}{med(s_, kind):>8}{med(s_, 'graph_flash'):>8}{fmt(sp.get('best'), '.3f'):>8} "
+                  f"[{short(sp.get('best_dense'))}/{short(sp.get('best_sparse'))}]{'':<5}{fmt(nz, '.3f'):>6}"
+                  f"{TARGETS[phase]:>7.2f} {row.get('pass')}/{row.get('pass_within_noise')}")
+    checks = []
+    for key, row in (data.get("prefill") or {}).items():
+        for v in ("dense", "sparse"):
+            for k in ("graph", "graph_flash"):
+                t = (row.get(v) or {}).get(k) or {}
+                if t:
+                    c = t.get("sdpa_calls_in_capture") or {}
+                    checks.append(f"{key} {v} {k[:1] if k == 'graph' else 'f'}: mask {c.get('masked')}/causal "
+                                  f"{c.get('is_causal')}, err {fmt(t.get('rel_err_vs_eager_call'), '.0e')}")
+    if checks:
+        print("prefill graph captures (SDPA calls with an explicit mask / is_causal; logits vs an eager call): "
+              + "; ".join(checks))
+    for key, row in (data.get("decode") or {}).items():
+        ctl = row.get("control_forced_dense") or {}
+        if ctl:
+            print(f"decode {key} control (converted, forced dense) ms/token: e {fmt((ctl.get('eager') or {}).get('median_ms'))}"
+                  f" g {fmt((ctl.get('graph') or {}).get('median_ms'))}; noise per mode "
+                  + ", ".join(f"{m} {fmt(v.get('noise'), '.4f')}" for m, v in (row.get("noise") or {}).items()))
     acc = data.get("accuracy") or {}
-    parts = [f"{k}: rel {fmt((v or {}).get('rel_error'), '.2e')}, top-1 {fmt((v or {}).get('top1_agreement'), '.3f')}, "
-             f"{(v or {}).get('sparse_layers')} sparse layers" for k, v in (acc.get("logits") or {}).items()]
-    print("\nlogits vs dense: " + ("; ".join(parts) or "-"))
-    g = acc.get("greedy_b1_all_sparse") or {}
-    print(f"greedy decode b1, every layer sparse vs dense: equal fraction {fmt(g.get('equal_fraction'), '.3f')}")
+    fl = acc.get("bf16_floor") or {}
+    lg = acc.get("logits") or {}
+    ms = lg.get("mode_sparse") or {}
+    rt = lambda v: f"rel {fmt((v or {}).get('rel_error'), '.2e')} top-1 {fmt((v or {}).get('top1_agreement'), '.3f')}"  # noqa: E731
+    print(f"\nlogits ({data['config']['prefill_tokens']} tok, b1): 2:4 vs dense bf16 {rt(ms)} "
+          f"({ms.get('sparse_layers')} sparse layers) | floor: dense bf16 "
+          f"vs fp32 {rt(fl.get('dense_bf16_vs_fp32'))}; 2:4 vs fp32 {rt(ms.get('vs_fp32'))}; bf16 alt-reduction vs "
+          f"bf16 {rt(fl.get('dense_bf16_alt_reduction_vs_dense_bf16'))}")
+    pl = acc.get("per_layer") or {}
+    print(f"per layer (max over {pl.get('layers')} converted, {pl.get('tokens')} random rows): 2:4 vs dense "
+          f"{fmt(pl.get('max_rel_err_sparse_vs_dense'), '.2e')} ({pl.get('max_layer')}); vs fp32: 2:4 "
+          f"{fmt(pl.get('max_rel_err_sparse_vs_fp32'), '.2e')}, dense {fmt(pl.get('max_rel_err_dense_vs_fp32'), '.2e')}")
+    g, g32 = acc.get("greedy_b1_all_sparse") or {}, fl.get("greedy_b1_dense_bf16_vs_fp32") or {}
+    print(f"greedy b1 equal fraction (first diff): all-2:4 vs bf16 {fmt(g.get('equal_fraction'), '.3f')} "
+          f"({g.get('tokens_until_first_difference')}); fp32 vs bf16 {fmt(g32.get('equal_fraction'), '.3f')} "
+          f"({g32.get('tokens_until_first_difference')}); teacher-forced top-1 vs bf16 greedy: all-2:4 "
+          f"{fmt(acc.get('teacher_forced_all_sparse_vs_bf16_dense_greedy'), '.3f')}, dense "
+          f"{fmt(acc.get('teacher_forced_dense_vs_bf16_dense_greedy'), '.3f')}, fp32 "
+          f"{fmt(fl.get('teacher_forced_fp32_vs_bf16_dense_greedy'), '.3f')}")
     mem = data.get("memory") or {}
     gib = lambda b: fmt(b / 2**30 if b else None, ".2f")  # noqa: E731
     print(f"memory GiB: weights dense {gib(mem.get('allocated_dense_bytes'))} -> 2:4 {gib(mem.get('allocated_sparse_bytes'))}; "
@@ -537,6 +716,9 @@ def main(argv=None) -> int:
                     row["sparse_layers_graph"] = sparse_layers_at(model, b * a.prefill_tokens)
                 row["graph"] = rec.attempt(f"{variant} prefill b{b} graph", bench_prefill, model, prefill_ids[b], dev,
                                            a.warmup, a.runs, True)
+                say(f"{variant} prefill {a.prefill_tokens} x b{b}: CUDA graph, causal mask skipped under capture")
+                row["graph_flash"] = rec.attempt(f"{variant} prefill b{b} graph_flash", bench_prefill, model,
+                                                 prefill_ids[b], dev, a.warmup, a.runs, True, True)
                 set_sparse24_mode(model, "eager")
             rec.save()
         for b in decode_batches:
@@ -557,6 +739,20 @@ def main(argv=None) -> int:
                 set_sparse24_mode(model, "eager")
                 if row.get("eager") and row.get(kind):
                     row[f"{kind}_tokens_match_eager"] = agreement(row["eager"]["tokens"], row[kind]["tokens"])
+            if variant == "sparse" and dev.type == "cuda" and not over_budget(f"control decode b{b}"):
+                # control: the converted model forced dense and timed again: the dense row's kernels, measured next
+                # to the 2:4 row, so its difference from the dense row is measured noise (placement, clocks, host)
+                set_sparse24_mode(model, "dense")
+                say(f"{variant} decode b{b}: control (converted model forced dense), eager + graph")
+                ctl = row["control_forced_dense"] = {}
+                ctl["eager"] = rec.attempt(f"control decode b{b} eager", bench_decode_eager, model, prompts[b],
+                                           a.new_tokens, dev, max(a.runs - 2, 1))
+                if graphs:
+                    ctl["graph"] = rec.attempt(f"control decode b{b} graph", bench_decode_static, model, prompts[b],
+                                               a.new_tokens, dev, max(a.runs - 2, 1), True)
+                for v in ctl.values():
+                    (v or {}).pop("tokens", None)
+                set_sparse24_mode(model, "eager")
             rec.save()
         if dev.type == "cuda":
             mem[f"peak_{variant}_bytes"] = torch.cuda.max_memory_allocated(dev)
@@ -564,6 +760,31 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- dense
     ref_logits = rec.attempt("dense logits", lambda: model(input_ids=check_ids, use_cache=False).logits.float())
     run_phase("dense")
+
+    # ---------------------------------------------------------------- bf16 noise floor (before conversion)
+    acc = data["accuracy"] = {}
+    floor = acc["bf16_floor"] = {}
+    b0 = decode_batches[0]
+    dense_tokens = (((data["decode"].get(f"b{b0}") or {}).get("dense") or {}).get("eager") or {}).get("tokens")
+    ref32 = None
+    if ref_logits is not None and not over_budget("float32 reference"):
+        say("bf16 noise floor: the same model in float32 (logits, greedy decode b1) and an alternative bf16 GEMM")
+        r32 = rec.attempt("float32 reference", fp32_reference, model, check_ids, prompts[b0], a.new_tokens, dev,
+                          dense_tokens)
+        if r32:
+            ref32 = r32["logits"]
+            floor["dense_bf16_vs_fp32"] = compare_logits(ref_logits, ref32)
+            floor["greedy_b1_dense_bf16_vs_fp32"] = agreement(dense_tokens, r32["tokens"])
+            floor["teacher_forced_fp32_vs_bf16_dense_greedy"] = r32["teacher_forced_vs_bf16_dense_greedy"]
+            again = rec.attempt("bf16 round trip", lambda: model(input_ids=check_ids, use_cache=False).logits.float())
+            floor["bf16_roundtrip_logits_identical"] = None if again is None else bool(torch.equal(again, ref_logits))
+            del again
+        if dev.type == "cuda":
+            alt = rec.attempt("bf16 alt logits", bf16_alt_logits, model, check_ids)
+            if alt is not None:
+                floor["dense_bf16_alt_reduction_vs_dense_bf16"] = compare_logits(alt, ref_logits)
+            del alt
+        rec.save()
 
     # ---------------------------------------------------------------- convert
     if not over_budget("subclass kernel timings") and dev.type == "cuda":
@@ -587,47 +808,60 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- 2:4
     run_phase("sparse")
-    acc = data["accuracy"] = {"note": "random-initialized weights give near-tied logits, so token agreement is a weak "
-                                      "signal; the relative error of the logits is the check"}
+    acc["note"] = ("random-initialized 32-layer models amplify rounding and give near-tied logits: judge mode_sparse "
+                   "(2:4 vs dense bf16) against bf16_floor (dense bf16 vs the same model in float32; a second valid "
+                   "bf16 GEMM) and against vs_fp32 (2:4 vs float32, next to dense_bf16_vs_fp32). Greedy tokens: "
+                   "both lists start with the token predicted from the prompt and are compared position by position; "
+                   "one flip of a near-tied argmax changes every later input, so the greedy equal fraction collapses "
+                   "(see greedy_b1_dense_bf16_vs_fp32 for the same effect between two dense precisions); "
+                   "teacher_forced_* is the per-position agreement without that cascade")
     if ref_logits is not None:
         acc["logits"] = {}
         for mode in ("graph", "eager", "sparse"):
             set_sparse24_mode(model, mode)
-            acc["logits"][f"mode_{mode}"] = rec.attempt(f"logits check ({mode})", logits_check, model, check_ids, ref_logits)
+            acc["logits"][f"mode_{mode}"] = rec.attempt(f"logits check ({mode})", logits_check, model, check_ids,
+                                                        ref_logits, ref32)
         set_sparse24_mode(model, "eager")
-        del ref_logits
-    dense_tokens = ((data["decode"].get(f"b{decode_batches[0]}") or {}).get("dense") or {}).get("eager") or {}
+        del ref_logits, ref32
+    conv_verify = (data.get("conversion") or {}).get("verify")
+    acc["per_layer"] = conv_verify
     set_sparse24_mode(model, "sparse")
-    forced = rec.attempt("greedy decode all sparse", bench_decode_eager, model, prompts[decode_batches[0]],
-                         a.new_tokens, dev, 1)
+    forced = rec.attempt("greedy decode all sparse", bench_decode_eager, model, prompts[b0], a.new_tokens, dev, 1)
+    acc["greedy_b1_all_sparse"] = agreement(dense_tokens, (forced or {}).get("tokens"))
+    acc["teacher_forced_all_sparse_vs_bf16_dense_greedy"] = rec.attempt(
+        "teacher forced all sparse", teacher_forced, model, prompts[b0], dense_tokens)
+    set_sparse24_mode(model, "dense")
+    acc["teacher_forced_dense_vs_bf16_dense_greedy"] = rec.attempt(
+        "teacher forced dense", teacher_forced, model, prompts[b0], dense_tokens)
     set_sparse24_mode(model, "eager")
-    acc["greedy_b1_all_sparse"] = agreement(dense_tokens.get("tokens"), (forced or {}).get("tokens"))
 
     # ---------------------------------------------------------------- summary
     for phase in ("prefill", "decode"):
         for row in (data.get(phase) or {}).values():
             row["speedup"] = speedups(row.get("dense", {}), row.get("sparse", {}))
             target = TARGETS[phase]
+            row["noise"] = noise_and_pass(row, target)
             if phase == "prefill":  # the best 2:4 variant against the best dense one
-                row["pass"] = None if row["speedup"]["best"] is None else row["speedup"]["best"] >= target
+                best = row["speedup"]["best"]
+                row["pass"] = None if best is None else best >= target
+                bn = (row["noise"].get(row["speedup"].get("best_sparse")) or {}).get("noise", NOISE_FLOOR)
+                row["pass_within_noise"] = None if best is None else best >= target / (1 + bn)
             else:  # never slower: in every mode measured for both
-                same = {k: v for k, v in row["speedup"].items() if k != "best" and v is not None}
+                same = {k: v for k, v in row["speedup"].items() if k in VARIANTS and v is not None}
                 row["pass"] = None if not same else all(v >= target for v in same.values())
-                # run-to-run spread of the dense timings, (max - min) / 2 / median, as a noise yardstick
-                spread = {k: ((row["dense"][k]["max_ms"] - row["dense"][k]["min_ms"]) / 2 / row["dense"][k]["median_ms"])
-                          for k in same if (row["dense"].get(k) or {}).get("median_ms")}
-                row["dense_spread"] = spread
                 row["pass_within_noise"] = None if not same else all(
-                    v >= target * (1 - spread.get(k, 0.0)) for k, v in same.items())
-    flags = {ph: [r.get("pass") for r in (data.get(ph) or {}).values()] for ph in ("prefill", "decode")}
+                    row["noise"][k]["pass_within_noise"] for k in same)
+    rows = {ph: list((data.get(ph) or {}).values()) for ph in ("prefill", "decode")}
     data["targets"] = {"prefill_min_speedup": TARGETS["prefill"], "decode_min_speedup": TARGETS["decode"],
-                       "prefill_pass": all(f is True for f in flags["prefill"]) if flags["prefill"] else None,
-                       "decode_pass": all(f is True for f in flags["decode"]) if flags["decode"] else None,
-                       "decode_pass_within_noise": (all(r.get("pass_within_noise") is True
-                                                        for r in (data.get("decode") or {}).values())
-                                                    if data.get("decode") else None),
-                       "note": "prefill: best 2:4 variant vs best dense variant; decode: every mode (eager, graph) "
-                               "2:4 vs dense in the same mode; within_noise allows the dense runs' half-range"}
+                       "prefill_pass": all(r.get("pass") is True for r in rows["prefill"]) if rows["prefill"] else None,
+                       "decode_pass": all(r.get("pass") is True for r in rows["decode"]) if rows["decode"] else None,
+                       "decode_pass_within_noise": (all(r.get("pass_within_noise") is True for r in rows["decode"])
+                                                    if rows["decode"] else None),
+                       "noise_floor": NOISE_FLOOR,
+                       "note": "prefill: best 2:4 variant vs best dense variant (eager, graph, graph_flash); decode: "
+                               "every mode (eager, graph) 2:4 vs dense in the same mode; within noise: speedup >= "
+                               "target / (1 + noise), noise per mode = max(dense and 2:4 runs' half-range / median, "
+                               "|forced-dense control / dense - 1|, noise_floor), see each row's 'noise'"}
     rec.save()
     print_summary(data)
     say(f"wrote {path}")

@@ -106,6 +106,17 @@ def test_shape_fits_and_dtype_refusal():
     assert "float32" in s24.shape_fits("cusparselt", 64, 64, torch.float32)
 
 
+@pytest.mark.parametrize("cap", [(9, 0), (10, 0), (8, 6)])
+def test_cutlass_backend_is_refused_outside_compute_capability_8x(monkeypatch, cap):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    ok, why = s24.available_backends(torch.device("cuda"))
+    if cap[0] == 8:
+        assert "8.x" not in why.get("cutlass", "")
+    else:
+        assert "cutlass" not in ok and f"{cap[0]}.{cap[1]}" in why["cutlass"] and "8.x" in why["cutlass"]
+
+
 def test_cslt_api_matches_the_op_schema():
     names = {a.name for a in torch.ops.aten._cslt_sparse_mm.default._schema.arguments}
     api = s24.cslt_api()
@@ -272,6 +283,9 @@ def test_benchmark_smoke_writes_the_expected_json(tmp_path):
 @cuda
 @pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
 def test_gpu_sparse_linear_matches_dense(backend):
+    cap = torch.cuda.get_device_capability()
+    if backend == "cutlass" and cap[0] != 8:
+        pytest.skip(f"PyTorch's CUTLASS semi-structured kernels need compute capability 8.x, this GPU is {cap[0]}.{cap[1]}")
     ok, why = s24.available_backends(torch.device("cuda"))
     if backend not in ok:
         pytest.skip(why.get(backend, "unavailable"))

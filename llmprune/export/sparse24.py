@@ -50,7 +50,12 @@ Design (each point decided by reading the PyTorch sources and the issue's measur
   length for its row count (the benchmark uses plain CUDA graphs; the compiled path is not measured there).
   Below the threshold the module costs one comparison more than `nn.Linear`.
 * Every replaced layer is checked against dense `F.linear` on random input (relative error <= `verify_tol`);
-  a layer that fails stays dense, with the reason in the report.
+  a layer that fails stays dense, with the reason in the report. The report's "verify" section gives the largest
+  such error over the converted layers, next to the bf16 floor: the same input through dense bf16 `F.linear`
+  and through the sparse kernel, each against a float32 product of the same weight.
+* CUTLASS: PyTorch builds its semi-structured CUTLASS kernels for compute capability 8.x only (on 9.0 they raise
+  "Supported only on GPUs with compute capability 8.x"), so that backend is reported unavailable elsewhere;
+  cuSPARSELt covers 8.x and 9.x.
 
 This is a runtime (in-memory) conversion for inference only: the saved format stays the dense safetensors
 model with exact zeros (`restore_dense_` converts back before saving), and no gradients flow through
@@ -253,6 +258,9 @@ def available_backends(device: torch.device) -> tuple[list[str], dict[str, str]]
         ok.append("cusparselt")
     if torch.version.hip is not None:
         why["cutlass"] = "CUTLASS semi-structured kernels are not built on ROCm"
+    elif cap[0] != 8:  # torch's CUTLASS kernels are Ampere/Ada only: they raise "Supported only on ... 8.x" elsewhere
+        why["cutlass"] = (f"PyTorch's CUTLASS semi-structured kernels run only on compute capability 8.x; "
+                          f"this GPU is {cap[0]}.{cap[1]}")
     elif not (hasattr(torch, "_sparse_semi_structured_linear") or hasattr(torch, "_sparse_semi_structured_mm")):
         why["cutlass"] = "this torch has no CUTLASS semi-structured ops"
     else:
@@ -675,6 +683,29 @@ def _count(reasons: Iterable[str]) -> dict[str, int]:
     return out
 
 
+VERIFY_TOKENS = 16  # rows of the random input each converted layer is checked on
+
+
+def _verify_note(verify: dict, name: str, entry: dict, err: float, y_sparse, y_dense, x, layer) -> None:
+    """Fold one layer's check into the report's "verify" section and its shape entry (max over layers)."""
+    def bump(d, key, v):
+        if v is not None and (d.get(key) is None or v > d[key]):
+            d[key] = v
+            return True
+        return False
+    verify["layers"] += 1
+    if bump(verify, "max_rel_err_sparse_vs_dense", err):
+        verify["max_layer"] = name
+    bump(entry, "verify_max_rel_err", err)
+    try:  # the bf16 floor: both results against a float32 product of the same (bf16-valued) weight and input
+        ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        bump(verify, "max_rel_err_sparse_vs_fp32", _rel_err(y_sparse, ref))
+        bump(verify, "max_rel_err_dense_vs_fp32", _rel_err(y_dense, ref))
+        del ref
+    except Exception:  # noqa: BLE001 - the floor is informative only
+        pass
+
+
 def _json_thr(thr: Mapping[str, int | None]) -> dict[str, int | None]:
     return {k: (None if v is None or v >= NEVER else int(v)) for k, v in thr.items()}
 
@@ -715,7 +746,8 @@ def accelerate_2of4_(model: nn.Module, *, device: str | torch.device | None = No
                          "dispatching": 0, "sparse_only": 0, "kept_dense": len(eligible) + len(skipped),
                          "kept_dense_reasons": _count(skipped.values())},
               "layer_decisions": {**{n: f"dense: {r}" for n, r in skipped.items()}},
-              "memory": {"compressed_bytes": 0, "dense_copy_bytes": 0, "dense_bytes_freed": 0}, "seconds": None}
+              "memory": {"compressed_bytes": 0, "dense_copy_bytes": 0, "dense_bytes_freed": 0}, "verify": None,
+              "seconds": None}
 
     def fallback(reason: str) -> dict:
         log.warning("2:4 acceleration: nothing replaced: %s", reason)
@@ -758,6 +790,11 @@ def accelerate_2of4_(model: nn.Module, *, device: str | torch.device | None = No
 
     groups = group_by_shape(eligible)
     replacements: dict[str, Sparse24Linear] = {}
+    verify = report["verify"] = {"tol": verify_tol, "tokens": VERIFY_TOKENS, "layers": 0,
+                                 "max_rel_err_sparse_vs_dense": None, "max_layer": None,
+                                 "max_rel_err_sparse_vs_fp32": None, "max_rel_err_dense_vs_fp32": None,
+                                 "note": "one random input per layer; sparse vs dense bf16 F.linear, and both against "
+                                         "a float32 product of the same weight (the bf16 rounding floor)"}
     for (out_f, in_f, dt), names in groups.items():
         first = eligible[names[0]]
         fits = {b: shape_fits(b, out_f, in_f, first.weight.dtype) for b in ok}
@@ -801,13 +838,16 @@ def accelerate_2of4_(model: nn.Module, *, device: str | torch.device | None = No
             try:
                 new = Sparse24Linear.from_linear(layer, dec["backend"], keep_dense=dec["keep_dense"],
                                                  dense_below=dec["dense_below"], plans=plans)
-                x = torch.randn(2 * new.pad_to, in_f, device=dev, dtype=layer.weight.dtype,
+                x = torch.randn(VERIFY_TOKENS, in_f, device=dev, dtype=layer.weight.dtype,
                                 generator=torch.Generator(device=dev).manual_seed(1))
                 new.set_mode("sparse")
-                err = _rel_err(new(x), F.linear(x, layer.weight, layer.bias))
+                y_sparse = new(x)
                 new.set_mode("eager")
+                y_dense = F.linear(x, layer.weight, layer.bias)
+                err = _rel_err(y_sparse, y_dense)
                 if not err <= verify_tol:
                     raise RuntimeError(f"relative error {err:.2e} > {verify_tol:g} against dense")
+                _verify_note(verify, n, entry, err, y_sparse, y_dense, x, layer)
             except Exception as e:  # noqa: BLE001 - this layer stays dense
                 report["layer_decisions"][n] = f"dense: conversion failed: {_err(e)}"
                 continue
