@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import resource
 import sys
@@ -31,80 +30,14 @@ from llmprune.evaluation.harness import _auto_ppl_batch  # noqa: E402
 from llmprune.evaluation.perplexity import perplexity  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    # LLaMA-30B (32.5 B parameters, 60.5 GiB in bf16): kept in host memory, one block at a time on the GPU
-    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
-                      num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=128, max_position_embeddings=256),
-}
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def matmul_rate(dev: torch.device, dtype=torch.bfloat16, n: int = 8192, iters: int = 30) -> float:
-    """Dense matmul FLOP/s on random data (median of timed runs)."""
-    if dev.type != "cuda":
-        n, iters = 256, 3
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(iters):
-        sync(dev)
-        t = time.perf_counter()
-        a @ b
-        sync(dev)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2]
-
-
-def build(shape: str, dev: torch.device, dtype: torch.dtype, layers: int | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(SHAPES[shape])
-    if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = LlamaConfig(**kw)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, build, matmul_rate, sync, write_json  # noqa: E402
 
 def build_on_host(shape: str, dev: torch.device, dtype: torch.dtype, layers: int | None = None):
     """A random-initialized model in host memory without a CPU-side random init (slow at 30B): the skeleton
     is made on the meta device, host memory is allocated, and each tensor is drawn on the GPU and copied."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(SHAPES[shape])
-    if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = LlamaConfig(**kw)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    model = build(shape, "meta", dtype, layers)
+    cfg = model.config
     model.to_empty(device="cpu")
     g = torch.Generator(device=dev).manual_seed(0)
     for name, p in model.named_parameters():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -42,49 +41,18 @@ from llmprune.masks import apply_mask_, nm_mask  # noqa: E402
 from llmprune.models import find_blocks, linear_layers  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=128, max_position_embeddings=256),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, matmul_rate, sync, write_json  # noqa: E402
+from common import build as build_llama  # noqa: E402
+
 TARGETS = {"prefill": 1.2, "decode": 1.0}
 VARIANTS = ("eager", "graph", "graph_flash", "static_eager")  # timed variants of one model state
 NOISE_FLOOR = 0.005  # smallest relative timing difference treated as real between separately captured runs
 T0 = time.perf_counter()
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def say(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
-
-
-def matmul_rate(dev: torch.device, dtype=torch.bfloat16, n: int = 8192, iters: int = 30) -> float:
-    """Dense matmul FLOP/s on random data (median of timed runs)."""
-    if dev.type != "cuda":
-        n, iters = 256, 3
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(iters):
-        sync(dev)
-        t = time.perf_counter()
-        a @ b
-        sync(dev)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def cusparselt_version():
@@ -95,21 +63,8 @@ def cusparselt_version():
 
 
 def build(shape: str, dev: torch.device, dtype: torch.dtype, layers: int | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(SHAPES[shape])
-    if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = LlamaConfig(**kw, attn_implementation="sdpa")
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval().requires_grad_(False)  # inference only: no autograd graph keeps activations alive
+    model = build_llama(shape, dev, dtype, layers, attn_implementation="sdpa")
+    return model.requires_grad_(False)  # inference only: no autograd graph keeps activations alive
 
 
 @torch.no_grad()
