@@ -15,6 +15,7 @@ import torch
 from ..config import Pattern
 from ..errors import LLMPruneError
 from ..masks import apply_mask_, lowest_k
+from . import sparsegpt_triton
 from .base import LayerStats, PruneResult, Scorer, register_scorer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,32 @@ class _GraphedColumns:
         return self.W1t, self.mask_t, self.Err1t  # valid until the next call
 
 
+def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Tensor:
+    """One lazy block through the Triton kernel (W updated in place, mask filled); returns its errors."""
+    count = i2 - i1
+    Hinv1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
+    inv_d = Hinv1.diagonal().reciprocal()  # (count,)
+    Hs = Hinv1.triu(1)
+    if pattern.kind == "nm":
+        err, mk = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, None, (pattern.n, pattern.m))
+        mask[:, i1:i2] = mk
+        return err
+    sal = W[:, i1:i2].square() * inv_d.square()  # (out, count): w^2 / [H^-1]_jj^2
+    mask1 = torch.zeros_like(sal, dtype=torch.bool)
+    if group == "per-layer":
+        k = int(sal.numel() * pattern.sparsity)
+        if k:
+            mask1.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
+    else:
+        k = int(count * pattern.sparsity)
+        if k:
+            mask1.scatter_(1, lowest_k(sal, k, 1), True)
+    scale = torch.where(mask1, inv_d, 0.0)  # (out, count): [pruned] / d
+    err, _ = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, scale, None)
+    mask[:, i1:i2] = mask1
+    return err
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -113,13 +140,16 @@ def sparsegpt_prune(
     group: str = "per-layer",
     blocksize: int = 128,
     graphs: dict | None = None,
+    use_triton: bool | None = None,
 ) -> PruneResult:
     """Prune `weight` (out, in) with OBS updates. Returns the updated float32 weight and its mask.
 
     Unstructured: in each lazy block, the `int(sparsity * size)` lowest saliencies of the block
     (`per-layer`: across all rows, the reference; `per-row`: within each row) are pruned.
     N:M: every M columns, the M-N lowest saliencies of each row are pruned, using the already-updated weights.
-    `graphs`: a dict to cache CUDA graphs of the column loop in (on CUDA; None = run it eagerly).
+    The column loop runs as one Triton kernel per lazy block where it covers the case (`use_triton`: None =
+    where available; see sparsegpt_triton), else captured in CUDA graphs cached in `graphs` (a dict; on CUDA),
+    else eagerly.
     """
     W = weight.float().clone(memory_format=torch.contiguous_format)  # (out, in)
     rows, cols = W.shape
@@ -130,6 +160,11 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
+        if use_triton is not False and sparsegpt_triton.available(W, count, (n, m) if nm else None):
+            err = _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask)
+            if i2 < cols:
+                W[:, i2:].sub_(err.matmul(hinv_upper[i1:i2, i2:]))
+            continue
         W1t = W[:, i1:i2].t().contiguous()  # (count, out)
         Hinv1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
         inv_d = Hinv1.diagonal().reciprocal()  # (count,)
