@@ -142,6 +142,8 @@ def sparse24_table(data: dict) -> str:
            "(`benchmarks/results/gpu_sparse24_llama2-7b.json`).", "",
            "| Workload | Dense e / g / f | 2:4 e / g / f | Speedup | Target | Met |", "|---|---|---|---:|---:|:---:|"]
 
+    spread: list[str] = []
+
     def ms(row, k):
         v = row.get(k)
         return f"{v['median_ms']:.2f}" if isinstance(v, dict) and "median_ms" in v else "-"
@@ -151,15 +153,27 @@ def sparse24_table(data: dict) -> str:
             sp = row["speedup"]
             if kind == "prefill":
                 speed, ok = f"{sp['best']:.3f}", sp["best"] >= target
-            else:  # every mode must hold; 0.5 % is the run-to-run floor of identical kernels
+            else:  # kernel time: CUDA graph; 0.5 % is the run-to-run floor of identical kernels
                 speed = " / ".join(f"{m[0]} {sp[m]:.3f}" for m in ("eager", "graph"))
-                ok = all(sp[m] >= target / 1.005 for m in ("eager", "graph"))
-            met = "yes" if ok else "**no**"
+                ok = None
+                met_modes = " / ".join(f"{m[0]} {'yes' if sp[m] >= target / 1.005 else '**no**'}" for m in ("graph", "eager"))
+                ctl = row["sparse"].get("control_forced_dense", {}).get("eager")
+                if ctl and row["dense"].get("eager"):
+                    spread.append(f"batch {b[1:]}: {min(ctl['runs_ms']):.1f}-{max(ctl['runs_ms']):.1f} ms against "
+                                  f"dense {min(row['dense']['eager']['runs_ms']):.1f}-"
+                                  f"{max(row['dense']['eager']['runs_ms']):.1f} ms")
+            met = met_modes if ok is None else ("yes" if ok else "**no**")
             out.append(f"| {label}, batch {b[1:]} | {ms(row['dense'], 'eager')} / {ms(row['dense'], 'graph')} / "
                        f"{ms(row['dense'], 'graph_flash')} | {ms(row['sparse'], 'eager')} / {ms(row['sparse'], 'graph')} / "
                        f"{ms(row['sparse'], 'graph_flash')} | {speed} | {target:.1f} | {met} |")
     lg, fl, pl = acc["logits"]["mode_sparse"], acc["bf16_floor"]["dense_bf16_vs_fp32"], acc["per_layer"]
-    out += ["", f"Outputs: every converted layer forced sparse, the logits differ from the dense 2:4 model's by "
+    out += ["", "Decode: below the measured token count the converted layers run the dense kernel, so under CUDA "
+            "graphs (kernel time, as decode is served) 2:4 equals dense. Eager decoding is bound by the host's "
+            "Python and its timings spread widely on the benchmark machine; the converted model forced to run the "
+            "very dense kernels was as slow as its 2:4 runs (" + "; ".join(spread) + "), so the eager gap is host "
+            "time, not kernels: not resolved (the 2:4 rows are timed after the dense ones, not interleaved)."
+            if spread else "", "",
+            f"Outputs: every converted layer forced sparse, the logits differ from the dense 2:4 model's by "
             f"{lg['rel_error']:.2e} (relative; top-1 agreement {lg['top1_agreement']:.3f}), less than dense bf16 differs "
             f"from the same model in float32 ({fl['rel_error']:.2e}, top-1 {fl['top1_agreement']:.3f}): random 32-layer "
             f"models amplify rounding. Per layer, sparse vs dense: at most {pl['max_rel_err_sparse_vs_dense']:.1e}. "
