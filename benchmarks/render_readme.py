@@ -89,7 +89,8 @@ def gpu_ppl_table(data: dict) -> str:
         f"| {data['shape']} (random weights, bf16) | {data['tokens']:,} ({data['windows']} x {data['seqlen']}) | "
         f"{data['batch_size']} | eager | {data['eager_tokens_per_s']:,.0f} | {data['floor_tokens_per_s']:,.0f} | "
         f"{100 * data['eager_fraction_of_floor_rate']:.1f} % | |",
-        f"| | | | `--compile` (blocks compiled, {data['compile_seconds']:.0f} s once) | {data['tokens_per_s']:,.0f} | "
+        f"| | | | `--compile` (blocks compiled; the first run took {data['compile_seconds']:.1f} s with compiling, "
+        f"then {data['tokens'] / data['tokens_per_s']:.1f} s) | {data['tokens_per_s']:,.0f} | "
         f"{data['floor_tokens_per_s']:,.0f} | **{100 * data['fraction_of_floor_rate']:.1f} %** | >= "
         f"{100 * data['target_fraction']:.0f} % |"])
 

@@ -226,7 +226,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=_positive_int_or_auto, default="auto")
     p.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
     p.add_argument("--output", default=None, help="folder for results.json and results.md")
-    p.add_argument("--compile", action="store_true", help="compile each Transformer block for perplexity (GPU; ~12 s once at 7B, pays off on long runs)")
+    p.add_argument("--compile", action="store_true", help="compile each Transformer block for perplexity (GPU; ~5 s once at 7B, pays off on long runs)")
     a = p.parse_args(argv)
     _configure_logging(a.quiet)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
