@@ -154,6 +154,34 @@ def bench_ppl(shape, dev, rate, smoke, compile_too: bool = True, extra_batches=(
     return out
 
 
+def bench_select(dev) -> list[dict]:
+    """Mask selection kernels on the GPU: torch.topk against a stable sort, at the shapes pruning uses."""
+    cases = [("2:4 groups of a 4096x4096 weight", (4096 * 1024, 4), 2, -1),
+             ("2:4 groups of an 11008x4096 weight", (11008 * 1024, 4), 2, -1),
+             ("per-row half of a 4096x4096 weight", (4096, 4096), 2048, 1),
+             ("SparseGPT lazy block, one slice of 11008x128", (11008 * 128,), 11008 * 64, 0)]
+    if dev.type != "cuda":
+        cases = [(n, tuple(max(1, d // 512) if i == 0 else d for i, d in enumerate(sh)), max(1, k // 512) if len(sh) == 1 else k, dim)
+                 for n, sh, k, dim in cases]
+    out = []
+    for name, shape, k, dim in cases:
+        x = torch.rand(shape, device=dev)
+        row = {"case": name, "shape": list(shape), "k": k}
+        for how in ("topk", "sort"):
+            fn = ((lambda: torch.topk(x, k, dim=dim, largest=False, sorted=False).indices) if how == "topk"
+                  else (lambda: torch.sort(x, dim=dim, stable=True).indices.narrow(dim, 0, k)))
+            fn()
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(5):
+                fn()
+            sync(dev)
+            row[f"{how}_ms"] = (time.perf_counter() - t) / 5 * 1e3
+        print(f"select {name}: topk {row['topk_ms']:.2f} ms, stable sort {row['sort_ms']:.2f} ms", flush=True)
+        out.append(row)
+    return out
+
+
 def memory_terms(model, n: int, seqlen: int, batch: int, peak: int | None, dtype_bytes: int = 2,
                  calibrated: bool = True) -> dict:
     """The terms of the peak GPU memory: blocks' weights (up to three on the GPU: one coming, one in use,
@@ -230,7 +258,7 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_plac
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=["ppl", "prune"])
+    p.add_argument("what", nargs="+", choices=["ppl", "prune", "select"])
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--methods", default="magnitude,wanda,ria,sparsegpt")
     p.add_argument("--patterns", default="unstructured,2:4")
@@ -258,6 +286,8 @@ def main(argv=None) -> int:
         write_json(Path(a.out) / f"{tag}gpu_ppl_throughput_{shape}.json", {"environment": env, **bench_ppl(shape, dev, rate, a.smoke,
                   extra_batches=[int(x) for x in a.ppl_batches.split(",") if x],
                   backends=a.sdpa.split(","), profile_too=a.profile)})
+    if "select" in a.what:
+        write_json(Path(a.out) / f"{tag}gpu_mask_selection.json", {"environment": env, "rows": bench_select(dev)})
     if "prune" in a.what:
         rows = bench_prune(shape, dev, rate, a.smoke, a.methods.split(","), a.patterns.split(","), a.layers,
                            in_place_model=a.host_model, gpu_cap_gib=a.gpu_cap_gib)
