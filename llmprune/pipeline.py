@@ -181,8 +181,11 @@ def _place_for_eval(model, device: torch.device) -> None:
 
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
-                 output_dir: str | None = None, compile: bool = False) -> dict:
-    """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md."""
+                 output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False) -> dict:
+    """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
+
+    `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
+    bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is."""
     from .evaluation.compression import compression_report
     from .evaluation.harness import evaluate, results_markdown, split_tasks
     from .reporting import write_json
@@ -197,11 +200,21 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
 
         prune_record = json.loads((Path(model_spec) / "llmprune.json").read_text()).get("config")
     _place_for_eval(model, dev)
+    compression = compression_report(model, seqlen=seqlen)  # before any layer becomes a sparse-kernel module
+    sparse24 = None
+    if sparse_kernels:
+        from .export.sparse24 import accelerate_2of4_
+
+        rep = accelerate_2of4_(model, device=dev)
+        sparse24 = {k: rep.get(k) for k in ("status", "reason", "layers", "memory", "backends_available",
+                                            "backends_unavailable", "token_counts")}
+        if rep.get("status") != "converted":
+            log.warning("2:4 sparse kernels not used: %s", rep.get("reason"))
     t = time.perf_counter()
     res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
                    data_dir=data_dir, max_windows=max_windows, compile=compile)
     record = {"model": loaded.source, "architecture": type(model).__name__, "pruning": prune_record,
-              "results": res, "compression": compression_report(model, seqlen=seqlen),
+              "results": res, "compression": compression, "sparse_kernels": sparse24,
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "limit": limit,
               "wall_seconds": time.perf_counter() - t, "versions": package_versions()}
     record["compression"].pop("layers", None)

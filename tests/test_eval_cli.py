@@ -76,3 +76,18 @@ def test_sweep_bad_point_fails_before_loading(tiny_model_dir, tmp_path, capsys):
                  "--output-dir", str(tmp_path / "s")]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_eval_with_sparse_kernels_on_cpu_records_why_they_were_not_used(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "res"
+    base = ["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--seqlen", "32", "--max-windows", "3",
+            "--data-dir", str(data_dir()), "-q"]
+    assert main([*base, "--output", str(out)]) == 0
+    assert main([*base, "--output", str(out / "sk"), "--sparse-kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert "2:4 sparse kernels not used:" in printed
+    plain, sk = (json.loads((d / "results.json").read_text()) for d in (out, out / "sk"))
+    assert plain["sparse_kernels"] is None
+    assert sk["sparse_kernels"]["status"] == "fallback" and sk["sparse_kernels"]["reason"]
+    assert sk["results"]["perplexity"]["wikitext2"]["ppl"] == plain["results"]["perplexity"]["wikitext2"]["ppl"]
+    assert sk["compression"]["total_params"] == plain["compression"]["total_params"]
