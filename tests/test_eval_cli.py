@@ -91,3 +91,9 @@ def test_eval_with_sparse_kernels_on_cpu_records_why_they_were_not_used(tiny_mod
     assert sk["sparse_kernels"]["status"] == "fallback" and sk["sparse_kernels"]["reason"]
     assert sk["results"]["perplexity"]["wikitext2"]["ppl"] == plain["results"]["perplexity"]["wikitext2"]["ppl"]
     assert sk["compression"]["total_params"] == plain["compression"]["total_params"]
+
+
+def test_sparse_kernels_with_compile_is_refused_in_one_line(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--sparse-kernels", "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile with --sparse-kernels" in err[0]
