@@ -105,6 +105,21 @@ class _GraphedColumns:
         return self.W1t, self.mask_t, self.Err1t  # valid until the next call
 
 
+def _lazy_block_mask(sal: torch.Tensor, sparsity: float, group: str, along: int) -> torch.Tensor:
+    """The pruned weights of one lazy block from their saliencies (`along`: the block's column dimension):
+    the int(sparsity * size) lowest of the block (`per-layer`) or of each row's block columns (`per-row`)."""
+    mask = torch.zeros_like(sal, dtype=torch.bool)
+    if group == "per-layer":
+        k = int(sal.numel() * sparsity)
+        if k:
+            mask.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
+    else:
+        k = int(sal.shape[along] * sparsity)
+        if k:
+            mask.scatter_(along, lowest_k(sal, k, along), True)
+    return mask
+
+
 def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Tensor:
     """One lazy block through the Triton kernel (W updated in place, mask filled); returns its errors."""
     count = i2 - i1
@@ -116,15 +131,7 @@ def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Ten
         mask[:, i1:i2] = mk
         return err
     sal = W[:, i1:i2].square() * inv_d.square()  # (out, count): w^2 / [H^-1]_jj^2
-    mask1 = torch.zeros_like(sal, dtype=torch.bool)
-    if group == "per-layer":
-        k = int(sal.numel() * pattern.sparsity)
-        if k:
-            mask1.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
-    else:
-        k = int(count * pattern.sparsity)
-        if k:
-            mask1.scatter_(1, lowest_k(sal, k, 1), True)
+    mask1 = _lazy_block_mask(sal, pattern.sparsity, group, along=1)
     scale = torch.where(mask1, inv_d, 0.0)  # (out, count): [pruned] / d
     err, _ = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, scale, None)
     mask[:, i1:i2] = mask1
@@ -172,14 +179,7 @@ def sparsegpt_prune(
         scale_t = torch.zeros_like(W1t)
         if not nm:
             sal = W1t.square() * inv_d.square().unsqueeze(1)  # (count, out): w^2 / [H^-1]_jj^2
-            if group == "per-layer":
-                k = int(sal.numel() * pattern.sparsity)
-                if k:
-                    mask_t.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
-            else:
-                k = int(count * pattern.sparsity)
-                if k:
-                    mask_t.scatter_(0, lowest_k(sal, k, 0), True)
+            mask_t = _lazy_block_mask(sal, pattern.sparsity, group, along=0)
             torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
         Hs = Hinv1.triu(1)
         graph = None
