@@ -186,12 +186,12 @@ def sparse24_table(data: dict) -> str:
 
 
 def repro_table(data: dict) -> str:
-    from llmprune.recipe import render_orderings
+    from llmprune.recipe import ordering_checks, render_orderings
 
     ok = data["counts"]["ok"]
     return "\n".join([f"{data['title']}: {ok} cells run (`python -m llmprune reproduce recipes/smollm2 --out-dir "
                       f"benchmarks/results/reproduce_smollm2`; WikiText-2 perplexity, lower is better; "
-                      f"`benchmarks/results/reproduce_smollm2/`).", "", render_orderings(data["orderings"]).rstrip()])
+                      f"`benchmarks/results/reproduce_smollm2/`).", "", render_orderings(ordering_checks(data["cells"])).rstrip()])
 
 
 SECTIONS = {

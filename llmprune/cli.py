@@ -230,9 +230,6 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--sparse-kernels", action="store_true",
                    help="run 2:4 layers on sparse tensor cores where measured faster (GPU, bf16/fp16; cuSPARSELt)")
     a = p.parse_args(argv)
-    if a.compile and a.sparse_kernels:
-        p.error("--compile with --sparse-kernels is not supported yet (the sparse kernels are not checked under "
-                "torch.compile); use one of them")
     _configure_logging(a.quiet)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
                        dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output,

@@ -190,6 +190,11 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     from .evaluation.harness import evaluate, results_markdown, split_tasks
     from .reporting import write_json
 
+    from .errors import LLMPruneError
+
+    if compile and sparse_kernels:
+        raise LLMPruneError("--compile with --sparse-kernels is not supported yet (the sparse kernels are not "
+                            "checked under torch.compile); use one of them")
     split_tasks(tasks)  # unknown names fail before the model loads
     dev = resolve_device(device)
     loaded = load_model(model_spec, resolve_dtype(dtype, dev))

@@ -566,47 +566,73 @@ def _cell_key(row: Mapping) -> tuple[str, str] | None:
 def ordering_checks(rows: Sequence[Mapping]) -> dict:
     """The papers' qualitative claims, checked on a table's cells (lower metric = better, e.g. perplexity):
     SparseGPT and Wanda (and RIA) beat magnitude at every setting (Wanda Table 3, SparseGPT Fig. 1), and for
-    each method unstructured beats 4:8, which beats 2:4 at 50 % (Wanda Table 3). Returns the method x setting
-    grid and the list of {claim, holds, values} for the claims the cells allow."""
-    grid: dict[str, dict[str, float]] = {}
+    each method unstructured beats 4:8, which beats 2:4 at 50 % (Wanda Table 3). Cells are compared only with
+    cells of the same model and metric; of two cells with the same model, metric, method and setting the
+    first is used and the other listed under `duplicates`. Returns per (model, metric) group the method x setting
+    grid and its claims ({claim, holds, values}), and all claims."""
+    groups: dict[tuple[str, str], dict] = {}
+    duplicates = []
     for row in rows:
         key = _cell_key(row)
-        if key:
-            grid.setdefault(key[0], {})[key[1]] = float(row["ours"])
+        if not key:
+            continue
+        model = str(row.get("model") or (row.get("recipe") or {}).get("model") or "default model")
+        metric = str(row.get("metric") or "metric")
+        grid = groups.setdefault((model, metric), {"model": model, "metric": metric, "grid": {}})["grid"]
+        if key[1] in grid.get(key[0], {}):
+            duplicates.append(row.get("name"))
+            continue
+        grid.setdefault(key[0], {})[key[1]] = float(row["ours"])
+
     def order(s: str):  # unstructured by sparsity, then N:M with the larger M (the looser pattern) first
         return (1, -int(s.split(":")[1])) if ":" in s else (0, float(s.split()[0]))
 
-    settings = sorted({s for m in grid.values() for s in m}, key=order)
-    claims = []
-    for better in ("sparsegpt", "wanda", "ria"):
-        for s in settings:
-            if better in grid and "magnitude" in grid and s in grid[better] and s in grid["magnitude"]:
-                a, b = grid[better][s], grid["magnitude"][s]
-                claims.append({"claim": f"{better} < magnitude at {s}", "holds": a < b, "values": [a, b]})
-    chain = [s for s in ("50 %", "4:8", "2:4") if s in settings]
-    for method, vals in grid.items():
-        have = [s for s in chain if s in vals]
-        for lo, hi in zip(have, have[1:]):
-            claims.append({"claim": f"{method}: {lo} < {hi}", "holds": vals[lo] < vals[hi],
-                           "values": [vals[lo], vals[hi]]})
-    return {"grid": grid, "settings": settings, "claims": claims}
+    out, every = [], []
+    for g in groups.values():
+        grid = g["grid"]
+        settings = sorted({s for m in grid.values() for s in m}, key=order)
+        claims = []
+        for better in ("sparsegpt", "wanda", "ria"):
+            for s in settings:
+                if better in grid and "magnitude" in grid and s in grid[better] and s in grid["magnitude"]:
+                    a, b = grid[better][s], grid["magnitude"][s]
+                    claims.append({"claim": f"{better} < magnitude at {s}", "holds": a < b, "values": [a, b]})
+        chain = [s for s in ("50 %", "4:8", "2:4") if s in settings]
+        for method, vals in grid.items():
+            have = [s for s in chain if s in vals]
+            for lo, hi in zip(have, have[1:]):
+                claims.append({"claim": f"{method}: {lo} < {hi}", "holds": vals[lo] < vals[hi],
+                               "values": [vals[lo], vals[hi]]})
+        g.update(settings=settings, claims=claims)
+        out.append(g)
+        every += [{**c, "model": g["model"], "metric": g["metric"]} for c in claims]
+    return {"groups": out, "claims": every, "duplicates": duplicates}
 
 
 def render_orderings(checks: Mapping) -> str:
-    """Markdown: the method x setting grid, then each claim with yes/**no**."""
-    grid, settings, claims = checks["grid"], checks["settings"], checks["claims"]
-    if not grid or not claims:
-        return ""
-    lines = ["| Method | " + " | ".join(settings) + " |", "| :--- | " + " | ".join(["---:"] * len(settings)) + " |"]
-    for method, vals in grid.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(vals.get(s), 2) if s in vals else "-" for s in settings) + " |")
-    held = sum(c["holds"] for c in claims)
-    lines += ["", f"The papers' orderings: {held} of {len(claims)} hold.", "",
-              "| Claim (lower is better) | Values | Holds? |", "| :--- | ---: | :---: |"]
-    for c in claims:
-        lines.append(f"| {c['claim']} | {' vs '.join(_fmt(v, 2) for v in c['values'])} | "
-                     f"{'yes' if c['holds'] else '**no**'} |")
-    return "\n".join(lines) + "\n"
+    """Markdown: per model and metric, the method x setting grid, then each claim with yes/**no**."""
+    parts = []
+    many = len(checks["groups"]) > 1
+    for g in checks["groups"]:
+        grid, settings, claims = g["grid"], g["settings"], g["claims"]
+        if not claims:
+            continue
+        lines = [f"**{g['model']}**, {g['metric']}:", ""] if many else []
+        lines += ["| Method | " + " | ".join(settings) + " |", "| :--- | " + " | ".join(["---:"] * len(settings)) + " |"]
+        for method, vals in grid.items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(vals.get(s), 2) if s in vals else "-" for s in settings)
+                         + " |")
+        held = sum(c["holds"] for c in claims)
+        lines += ["", f"The papers' orderings: {held} of {len(claims)} hold.", "",
+                  "| Claim (lower is better) | Values | Holds? |", "| :--- | ---: | :---: |"]
+        for c in claims:
+            lines.append(f"| {c['claim']} | {' vs '.join(_fmt(v, 2) for v in c['values'])} | "
+                         f"{'yes' if c['holds'] else '**no**'} |")
+        parts.append("\n".join(lines) + "\n")
+    if checks.get("duplicates"):
+        parts.append("Not compared (same model, metric, method and setting as an earlier cell): "
+                     + ", ".join(f"`{n}`" for n in checks["duplicates"]) + "\n")
+    return "\n".join(parts)
 
 
 __all__ = ["Recipe", "PaperNumber", "load_recipe", "load_table", "recipe_files", "table_title", "with_data_dir",

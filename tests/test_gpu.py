@@ -113,3 +113,11 @@ def test_gpu_triton_column_loop_equals_the_eager_loop(pattern, group):
     assert torch.equal(a.mask, b.mask)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
     assert float(a.mask.float().mean()) == pytest.approx(0.5)
+
+
+def test_gpu_blocks_already_on_the_gpu_are_pruned_where_they_are():
+    model = tiny_model("llama", num_hidden_layers=2).cuda()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    llmprune.prune(model, PruneConfig(method="wanda", sparsity=0.5, device="cuda"), calib_tokens(n=4, seqlen=32))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs  # no copy through host memory and back
+    assert all(p.device.type == "cuda" for p in model.parameters())

@@ -214,3 +214,11 @@ def test_propagation_in_place_gives_the_same_outputs_as_a_new_list():
     for a, b, x in zip(got["new"], got["same"], got["ins"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert not torch.equal(a, x)
+
+
+def test_on_device_reads_an_indexless_device_as_the_current_one():
+    from llmprune.calibration.placement import on_device
+
+    t = torch.zeros(1)
+    assert on_device(t, torch.device("cpu")) and not on_device(t, torch.device("meta"))
+    assert not on_device(torch.zeros(1, device="meta"), torch.device("cpu"))

@@ -361,22 +361,28 @@ def test_reproduce_with_a_fake_runner(tmp_path, tiny_model_dir, monkeypatch):
     assert {c["name"]: c["status"] for c in out["cells"]}["local_tiny"] == "failed"
 
 
-def test_ordering_checks_find_holding_and_broken_claims():
+def test_ordering_checks_find_holding_and_broken_claims_per_model():
     from llmprune.recipe import ordering_checks, render_orderings
 
-    def cell(method, pattern, ppl, sparsity=0.5, status="ok"):
-        return {"name": f"{method}_{pattern}", "status": status, "ours": ppl,
-                "recipe": {"prune": {"method": method, "pattern": pattern, "sparsity": sparsity}, "blocks": None}}
+    def cell(method, pattern, ppl, model="m7b", status="ok", name=None):
+        return {"name": name or f"{model}_{method}_{pattern}", "status": status, "ours": ppl, "model": model,
+                "metric": "wikitext2_ppl",
+                "recipe": {"prune": {"method": method, "pattern": pattern, "sparsity": 0.5}, "blocks": None}}
 
     rows = [cell("magnitude", "unstructured", 100.0), cell("wanda", "unstructured", 20.0),
             cell("magnitude", "2:4", 300.0), cell("wanda", "2:4", 50.0), cell("wanda", "4:8", 60.0),  # 4:8 worse
-            cell("sparsegpt", "2:4", 1.0, status="failed"), {"name": "dense", "ours": 10.0, "recipe": {"prune": None}}]
+            cell("sparsegpt", "2:4", 1.0, status="failed"), {"name": "dense", "ours": 10.0, "recipe": {"prune": None}},
+            cell("wanda", "unstructured", 500.0, model="m13b"),  # another model: never compared with m7b
+            cell("wanda", "unstructured", 999.0, name="again")]  # same model/metric/method/setting: listed, not used
     checks = ordering_checks(rows)
-    assert checks["settings"] == ["50 %", "4:8", "2:4"]
-    assert checks["grid"] == {"magnitude": {"50 %": 100.0, "2:4": 300.0}, "wanda": {"50 %": 20.0, "2:4": 50.0, "4:8": 60.0}}
-    verdict = {c["claim"]: c["holds"] for c in checks["claims"]}
+    g7 = next(g for g in checks["groups"] if g["model"] == "m7b")
+    assert g7["settings"] == ["50 %", "4:8", "2:4"]
+    assert g7["grid"] == {"magnitude": {"50 %": 100.0, "2:4": 300.0}, "wanda": {"50 %": 20.0, "2:4": 50.0, "4:8": 60.0}}
+    verdict = {c["claim"]: c["holds"] for c in g7["claims"]}
     assert verdict == {"wanda < magnitude at 50 %": True, "wanda < magnitude at 2:4": True,
                        "magnitude: 50 % < 2:4": True, "wanda: 50 % < 4:8": True, "wanda: 4:8 < 2:4": False}
+    assert next(g for g in checks["groups"] if g["model"] == "m13b")["claims"] == []
+    assert checks["duplicates"] == ["again"] and len(checks["claims"]) == 5
     md = render_orderings(checks)
-    assert "4 of 5 hold" in md and "| wanda: 4:8 < 2:4 | 60.00 vs 50.00 | **no** |" in md
-    assert render_orderings(ordering_checks([rows[-1]])) == ""
+    assert "4 of 5 hold" in md and "| wanda: 4:8 < 2:4 | 60.00 vs 50.00 | **no** |" in md and "`again`" in md
+    assert render_orderings(ordering_checks([rows[6]])) == ""

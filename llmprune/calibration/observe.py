@@ -31,27 +31,32 @@ def _hessian_update(h: torch.Tensor, x2: torch.Tensor) -> None:
     """h += x2^T x2 in float32, exactly as with float32 inputs.
 
     On CUDA with bf16/fp16 inputs the products of the 8/11-bit mantissas are exact and the matrix units
-    accumulate in float32, so a half-precision matmul with float32 output (or TF32 on the upcast inputs, whose
-    10-bit mantissa holds them exactly) equals the float32 matmul up to summation order, at the matrix units'
-    rate instead of the float32 rate (~15x slower)."""
+    accumulate in float32, so a half-precision matmul with float32 output equals the float32 matmul up to
+    summation order, at the matrix units' rate instead of the float32 rate (~15x slower). Where torch lacks
+    that (`torch.mm(..., out_dtype=)`), the inputs are upcast; no global TF32 flag is touched."""
     half = x2.dtype in (torch.bfloat16, torch.float16) and x2.is_cuda
     if half and _MM_OUT_DTYPE != [False]:
-        try:
-            for i in range(0, x2.shape[0], 4 * _CHUNK):
-                c = x2[i : i + 4 * _CHUNK]
+        step, start = 4 * _CHUNK, 0
+        if not _MM_OUT_DTYPE:  # first use: find out on one chunk, before anything is added to h
+            c = x2[:step]
+            try:
+                first = torch.mm(c.t(), c, out_dtype=torch.float32)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError):
+                _MM_OUT_DTYPE[:] = [False]
+            else:
+                _MM_OUT_DTYPE[:] = [True]
+                h.add_(first)
+                start = step
+        if _MM_OUT_DTYPE == [True]:
+            for i in range(start, x2.shape[0], step):
+                c = x2[i : i + step]
                 h.add_(torch.mm(c.t(), c, out_dtype=torch.float32))
-            _MM_OUT_DTYPE[:] = [True]
             return
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE[:] = [False]
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = half  # exact for half-precision inputs, see above
-    try:
-        for i in range(0, x2.shape[0], _CHUNK):
-            c = x2[i : i + _CHUNK].float()
-            h.addmm_(c.t(), c)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    for i in range(0, x2.shape[0], _CHUNK):  # float32 matmuls, under the user's own TF32 setting
+        c = x2[i : i + _CHUNK].float()
+        h.addmm_(c.t(), c)
 
 
 def add_to_stats(stats: LayerStats, x: torch.Tensor, need: str) -> None:

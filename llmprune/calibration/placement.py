@@ -22,11 +22,20 @@ def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` lives on `device`, reading "cuda" (no index) as the current CUDA device."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None:
+        return device.type != "cuda" or t.device.index == torch.cuda.current_device()
+    return t.device.index == device.index
+
+
 def move_block(block: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
     """Move a block's parameters and buffers to `device`; return their original host tensors (None if already
     there), so `return_block` can copy results back into the same host memory instead of allocating new pages."""
     tensors = _tensors(block)
-    if not tensors or next(iter(tensors.values())).device == device:
+    if not tensors or on_device(next(iter(tensors.values())), device):
         return None
     home = {name: t.data for name, t in tensors.items()}
     block.to(device)
@@ -89,7 +98,7 @@ class BlockShuttle:
         import time
 
         tensors = {k: t.data for k, t in _tensors(self.blocks[i]).items()}
-        if not tensors or next(iter(tensors.values())).device == self.device:
+        if not tensors or on_device(next(iter(tensors.values())), self.device):
             return None
         t0 = time.perf_counter()
         if self._staging_free["in"] is not None:

@@ -47,6 +47,7 @@ if triton is not None:
         tile = W + r[:, None] * ldw + col0 + k[None, :]
         T = tl.load(tile, mask=rmask[:, None], other=0.0)  # (BR, COUNT)
         if NM:
+            P = tl.zeros((BR, COUNT), dtype=tl.int32)  # the chosen mask, kept in registers (no read-back)
             for i0 in range(0, COUNT, 4):
                 w0 = tl.sum(tl.where(k[None, :] == i0, T, 0.0), axis=1)
                 w1 = tl.sum(tl.where(k[None, :] == i0 + 1, T, 0.0), axis=1)
@@ -73,6 +74,10 @@ if triton is not None:
                 tl.store(MK + r * ld + i0 + 1, p1.to(tl.int8), mask=rmask)
                 tl.store(MK + r * ld + i0 + 2, p2.to(tl.int8), mask=rmask)
                 tl.store(MK + r * ld + i0 + 3, p3.to(tl.int8), mask=rmask)
+                P = tl.where(k[None, :] == i0, p0.to(tl.int32)[:, None], P)
+                P = tl.where(k[None, :] == i0 + 1, p1.to(tl.int32)[:, None], P)
+                P = tl.where(k[None, :] == i0 + 2, p2.to(tl.int32)[:, None], P)
+                P = tl.where(k[None, :] == i0 + 3, p3.to(tl.int32)[:, None], P)
                 # column i0 (its value is w0), then i0+1..i0+3 read again after each update
                 e = tl.where(p0, w0 * d0, 0.0)
                 tl.store(E + r * ld + i0, e, mask=rmask)
@@ -89,7 +94,7 @@ if triton is not None:
                 e = tl.where(p3, w * d3, 0.0)
                 tl.store(E + r * ld + i0 + 3, e, mask=rmask)
                 T -= e[:, None] * tl.load(H + (i0 + 3) * COUNT + k)[None, :]
-            pruned = tl.load(MK + r[:, None] * ld + k[None, :], mask=rmask[:, None], other=0) != 0
+            pruned = P != 0
         else:
             for i in range(COUNT):
                 w = tl.sum(tl.where(k[None, :] == i, T, 0.0), axis=1)
