@@ -188,9 +188,8 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is."""
     from .evaluation.compression import compression_report
     from .evaluation.harness import evaluate, results_markdown, split_tasks
-    from .reporting import write_json
-
     from .errors import LLMPruneError
+    from .reporting import write_json
 
     if compile and sparse_kernels:
         raise LLMPruneError("--compile with --sparse-kernels is not supported yet (the sparse kernels are not "

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
 from .calibration.placement import BlockShuttle
+from .calibration.runner import sync_compute
 from .config import PruneConfig
 from .errors import LLMPruneError
 from .masks import apply_mask_
@@ -147,13 +148,11 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             t = time.perf_counter()
             with observe(ctx.block, layers, need, stop_early=True) as stats:
                 ctx.forward()
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
+            sync_compute(device)
             ctx.timings["calibrate"] = time.perf_counter() - t
             t = time.perf_counter()
             _prune_layers(scorer, layers, stats, config, f"{blocks_path}.{ctx.index}", zeros)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
+            sync_compute(device)
             ctx.timings["prune"] = time.perf_counter() - t
 
         block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,

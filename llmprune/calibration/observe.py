@@ -86,7 +86,7 @@ def observe(block: nn.Module, layers: dict[str, nn.Module], need: str, stop_earl
 
     def make_hook(name: str):
         def hook(module, args):
-            if order is not None and not stop_at:
+            if not stop_at:
                 order.append(name)
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):

@@ -7,13 +7,11 @@ them, and torch releases the GIL while they run)."""
 
 from __future__ import annotations
 
-import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,8 +93,6 @@ class BlockShuttle:
         return views
 
     def _fetch(self, i: int):
-        import time
-
         tensors = {k: t.data for k, t in _tensors(self.blocks[i]).items()}
         if not tensors or on_device(next(iter(tensors.values())), self.device):
             return None
@@ -115,8 +111,6 @@ class BlockShuttle:
         return dev, done
 
     def _send_back(self, dev: dict[str, torch.Tensor], home: dict[str, torch.Tensor], ready: torch.cuda.Event):
-        import time
-
         t0 = time.perf_counter()
         pinned = self._stage("out", home)
         with torch.cuda.stream(self._stream):

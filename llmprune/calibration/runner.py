@@ -27,7 +27,7 @@ from .placement import BlockShuttle
 log = logging.getLogger(__name__)
 
 
-def _sync(device: torch.device) -> None:
+def sync_compute(device: torch.device) -> None:
     """Wait for the compute stream only (block transfers run on their own stream meanwhile)."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -101,7 +101,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
     act_device = choose_activation_device(tokens, hidden_size, dtype, device, offload_activations)
     t0 = time.perf_counter()
     hidden, calls = capture_block_inputs(model, blocks, tokens, batch_size, device, act_device)
-    _sync(device)
+    sync_compute(device)
     log.info("captured block inputs: %d batches in %.2f s (activations on %s)", len(hidden),
              time.perf_counter() - t0, act_device)
     timings = []
@@ -136,7 +136,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
 def _check_finite(hidden: list[torch.Tensor], index: int, device: torch.device) -> None:
     """One device-side reduction over all batches, one synchronization (device-to-host copies are
     asynchronous: they are finished before reading)."""
-    _sync(device)
+    sync_compute(device)
     bad = torch.stack([torch.isfinite(h).all() for h in hidden]).logical_not()
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
