@@ -28,7 +28,7 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
             cache[name] = load_eval_tokens(name, tokenizer, eval_cfg.data_dir, eval_cfg.seqlen)
         ids, where = cache[name]
         r = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, device=device,
-                       max_windows=eval_cfg.max_windows)
+                       max_windows=eval_cfg.max_windows, desc=f"perplexity {name}")
         r["source"] = where
         out[name] = r
         log.info("%s perplexity %.3f (%d windows of %d tokens)", name, r["ppl"], r["windows"], r["seqlen"])

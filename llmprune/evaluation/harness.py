@@ -59,7 +59,8 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
         bs = _auto_ppl_batch(model, seqlen, dev) if batch_size == "auto" else int(batch_size)
         for name in ppl_names:
             ids, where = load_eval_tokens(name, tokenizer, data_dir, seqlen)
-            r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile)
+            r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile,
+                           desc=f"perplexity {name}")
             r.update(source=where, batch_size=bs, compiled=compile)
             results["perplexity"][name] = r
             log.info("%s: perplexity %.3f (%d windows of %d, %.0f tokens/s)", name, r["ppl"], r["windows"], seqlen,
@@ -81,9 +82,48 @@ COLUMN_LABELS = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaSwag", "wino
                  "lambada": "LAMBADA", "wikitext2": "WikiText-2 ppl", "c4": "C4 ppl"}
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def zero_shot_details(rows: list[tuple[str, dict]]) -> str:
+    """Each zero-shot accuracy (%) with lm-eval's standard error beside what it must beat, then one line per
+    warning (`baselines.notes`): rows = tasks (one per number of scored examples n), columns = n, the
+    majority-class baseline and chance on those n examples, then one "acc ± stderr" column per model. "" when
+    `rows` (= [(label, evaluate() result)]) have no zero-shot results."""
+    from ..reporting import results_table
+    from .baselines import notes
+
+    lines: dict[tuple, dict] = {}  # (task, n, majority, chance) -> {column: cell}
+    flagged = []
+    for label, r in rows:
+        tasks = (r.get("zero_shot") or {}).get("tasks", {})
+        for c in ZS_COLUMNS:
+            e = tasks.get(c)
+            if e is None:
+                continue
+            metric = e.get("metric") or "acc"
+            acc, se = e.get(metric), e.get(f"{metric}_stderr")
+            key = (c, e.get("n"), e.get("majority_baseline"), e.get("chance"))
+            lines.setdefault(key, {})[label] = _pct(acc) + ("" if se is None or acc is None else f" ± {100 * se:.1f}")
+            flagged.append((COLUMN_LABELS[c], label if len(rows) > 1 else None, e))
+    if not lines:
+        return ""
+    labels = [label for label, _ in rows]
+    order = sorted(lines, key=lambda k: (ZS_COLUMNS.index(k[0]), k[1] or 0))
+    table_rows = [(COLUMN_LABELS[c], {"n": "-" if n is None else str(n), "Majority": _pct(maj), "Chance": _pct(ch),
+                                      **lines[(c, n, maj, ch)]}) for c, n, maj, ch in order]
+    head = ("Zero-shot accuracy (%) ± standard error (lm-eval's), against always answering the majority class "
+            "and a uniform guess (chance) on the same n examples:")
+    table = results_table(table_rows, ["n", "Majority", "Chance", *labels], mean=False, label="Task")
+    warn = [f"- {line[0].upper()}{line[1:]}" for line in notes(flagged)]
+    return "\n".join([head, "", table.rstrip("\n"), *([""] + warn if warn else [])]) + "\n"
+
+
 def results_markdown(rows: list[tuple[str, dict]]) -> str:
     """Wanda-paper layout: rows = models/methods, columns = zero-shot accuracies (%) and their mean, then
-    perplexities. `rows` = [(label, evaluate() result)]."""
+    perplexities; then the zero-shot details (`zero_shot_details`: standard errors, majority and chance, warnings).
+    `rows` = [(label, evaluate() result)]."""
     from ..reporting import results_table
 
     zs_cols = [c for c in ZS_COLUMNS if any(c in (r.get("zero_shot") or {}).get("tasks", {}) for _, r in rows)]
@@ -97,4 +137,6 @@ def results_markdown(rows: list[tuple[str, dict]]) -> str:
         table_rows = [(label, {COLUMN_LABELS[c]: r["perplexity"][c]["ppl"] for c in ppl_cols if c in r["perplexity"]})
                       for label, r in rows]
         parts.append(results_table(table_rows, [COLUMN_LABELS[c] for c in ppl_cols], mean=False))
+    if zs_cols:
+        parts.append(zero_shot_details(rows))
     return "\n\n".join(parts)

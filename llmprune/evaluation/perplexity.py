@@ -19,6 +19,7 @@ from torch import nn
 from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
 from ..models import find_blocks
+from ..progress import progress
 from ..registry import unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,12 @@ def compiled_blocks(model: nn.Module):
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
                device: str | torch.device | None = None, max_windows: int | None = None,
-               compile: bool = False) -> dict:
+               compile: bool = False, desc: str = "perplexity") -> dict:
     """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
 
     Logits are upcast to float32 for the loss; returns the protocol with the number. Batches are made equal in
     size (so a compiled forward sees one shape); `compile=True` compiles the Transformer blocks
-    (`compiled_blocks`)."""
+    (`compiled_blocks`). A progress bar named `desc` counts the windows (off under ``TQDM_DISABLE``)."""
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)
@@ -93,13 +94,16 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
         model.to(dev)
     t0 = time.perf_counter()
     nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    bar = progress(total=nwin, desc=desc, unit="window", leave=False)
     try:
         with compiled_blocks(model) if compile else contextlib.nullcontext():
             for b0 in range(0, nwin, batch_size):
                 x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
                 nll_sum += _window_nll(model, x).double().sum()
+                bar.update(x.shape[0])
         nll_sum = nll_sum.cpu()
     finally:
+        bar.close()
         if home != dev:
             model.to(home)
     seconds = time.perf_counter() - t0

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from typing import Any
 import yaml
 
 from ..errors import LLMPruneError
+from ..progress import bars_disabled
+from .baselines import chance_rate, is_noisy, majority_share, notes
 
 __all__ = [
     "KNOWN_TASKS",
@@ -411,6 +414,54 @@ def _pick(metrics: Mapping[str, Any], name: str) -> Any:
     return None
 
 
+def _with_request_bar(hflm_cls: type, stream) -> type:
+    """`hflm_cls` whose loglikelihood bar (lm-eval's own: counts, rate, ETA over all requests of all tasks)
+    is drawn on `stream` (the terminal's stderr, while :func:`_quiet` holds the rest of lm-eval's output back),
+    and is off under ``TQDM_DISABLE`` (lm-eval passes ``disable=False`` explicitly, which tqdm's environment
+    default would not override)."""
+
+    class _HFLMWithBar(hflm_cls):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            with contextlib.redirect_stderr(stream):
+                return super()._loglikelihood_tokens(
+                    requests, disable_tqdm=disable_tqdm or bars_disabled(), override_bs=override_bs
+                )
+
+    return _HFLMWithBar
+
+
+def _gold_index(task: Any, doc: Mapping[str, Any]) -> tuple[int | None, int]:
+    """(gold choice index, number of choices) of a multiple-choice document, as lm-eval's
+    ``ConfigurableTask.process_results`` finds them (gold None where it is not one valid index)."""
+    choices = task.doc_to_choice(doc)
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else None
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        gold = None  # a list (several targets) or out of range: no single class
+    return gold, len(choices)
+
+
+def _label_stats(task: Any, limit: int | float | None) -> dict[str, Any]:
+    """Majority-class baseline and chance rate over the documents lm-eval scores for `task` under `limit`
+    (its own ``get_sample_size`` and ``doc_iterator``), and how many documents the task has."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    n_available = len(task.eval_docs)
+    out: dict[str, Any] = {"majority_baseline": None, "chance": None, "n_available": n_available}
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
+        return out  # e.g. LAMBADA: one continuation, no classes
+    golds, sizes = [], []
+    for _, doc in task.doc_iterator(rank=0, limit=get_sample_size(task, limit), world_size=1):
+        gold, k = _gold_index(task, doc)
+        sizes.append(k)
+        golds.append(gold)
+    if golds and None not in golds:
+        out["majority_baseline"] = majority_share(golds)
+    out["chance"] = chance_rate(sizes)
+    return out
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -440,7 +491,13 @@ def evaluate_zero_shot(
     "metric", "metrics", "data_files", "sha256", "differs_from_hub", "lm_eval_task"}},
     "lm_eval_version", "limit", "num_fewshot", "data_dir"}``. Accuracies are fractions in [0, 1];
     values lm-eval does not compute for a task (e.g. acc_norm for boolq) are None. lambada also
-    has "perplexity" and "perplexity_stderr".
+    has "perplexity" and "perplexity_stderr". Each task also has "majority_baseline" (accuracy of
+    always answering the most frequent gold label of the n scored documents), "chance" (mean of
+    1 / number of choices), "n_available" (documents in the task) and "noisy" (see
+    :mod:`llmprune.evaluation.baselines`); the first two are None for lambada, which has no
+    classes. Warnings are logged when a result is noisy or no better than the majority baseline.
+    lm-eval's bar over all loglikelihood requests (counts, ETA) is shown on stderr unless
+    ``TQDM_DISABLE`` is set.
 
     Raises :class:`ZeroShotError` for an unknown task name or missing local data.
     """
@@ -471,6 +528,7 @@ def evaluate_zero_shot(
     was_training = bool(getattr(model, "training", False))
 
     logger.info("zero-shot: %s (limit=%s, num_fewshot=%s)", ", ".join(names), limit, num_fewshot)
+    terminal = sys.stderr  # where the request bar goes while _quiet() holds lm-eval's other output
     try:
         if device is not None:
             model.to(device)
@@ -487,7 +545,9 @@ def evaluate_zero_shot(
             for task_obj in loaded["tasks"].values():
                 task_obj.set_config(key="num_fewshot", value=int(num_fewshot))
                 task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = _with_request_bar(HFLM, terminal)(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size
+            )
             results = evaluate(
                 lm=lm,
                 task_dict=loaded,
@@ -495,6 +555,8 @@ def evaluate_zero_shot(
                 bootstrap_iters=_BOOTSTRAP_ITERS,
                 log_samples=False,
             )
+            # the gold labels of the same documents, through the same task objects
+            label_stats = {s.name: _label_stats(loaded["tasks"][s.lm_eval_task], limit) for s in specs}
     finally:
         if orig_device is not None:
             model.to(orig_device)
@@ -524,7 +586,9 @@ def evaluate_zero_shot(
             "sha256": {str(p): _sha256_16(p) for p in files[name].values()},
             "differs_from_hub": spec.differs_from_hub,
             "lm_eval_task": spec.lm_eval_task,
+            **label_stats[name],
         }
+        entry["noisy"] = is_noisy(entry)
         if "perplexity" in metric_names:
             entry["perplexity"] = _num(_pick(metrics, "perplexity"))
             entry["perplexity_stderr"] = _num(_pick(metrics, "perplexity_stderr"))
@@ -537,6 +601,8 @@ def evaluate_zero_shot(
             entry["n"],
         )
 
+    for note in notes([(name, None, entry) for name, entry in out_tasks.items()]):
+        logger.warning("zero-shot: %s", note)
     return {
         "tasks": out_tasks,
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
