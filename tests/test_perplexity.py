@@ -63,3 +63,15 @@ def test_local_wikitext2_is_joined_with_blank_lines():
     assert ids.dim() == 1 and ids.numel() > 100_000
     with pytest.raises(LLMPruneError, match="did you mean 'wikitext2'"):
         load_eval_tokens("wikitext", tok, data_dir())
+
+
+def test_progress_bar_counts_windows_and_honours_tqdm_disable(capsys, monkeypatch):
+    ids = torch.arange(40) % 5  # seqlen 4 -> 10 windows, batches of 3, 3, 2, 2
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    capsys.readouterr()
+    perplexity(BigramToy(), ids, 4, batch_size=3, desc="perplexity toy")
+    err = capsys.readouterr().err
+    assert "perplexity toy" in err and "/10 [" in err and "window" in err
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what --quiet sets, after tqdm was imported
+    perplexity(BigramToy(), ids, 4, batch_size=3, desc="perplexity toy")
+    assert "perplexity toy" not in capsys.readouterr().err

@@ -219,3 +219,55 @@ def test_missing_task_file_names_the_path(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "arc_easy" / "test.hf.jsonl") in msg
     assert "--data-dir" in msg and "LLMPRUNE_DATA_DIR" in msg
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_majority_baseline_chance_and_request_bar(model, tokenizer, data_dir, tmp_path, capsys):
+    """Hand-made documents with known gold labels: the baseline is over the first `limit` documents, exactly
+    the ones lm-eval scores; lm-eval's bar counts all loglikelihood requests on stderr."""
+    with (data_dir / "boolq" / "validation.hf.jsonl").open(encoding="utf-8") as fh:
+        boolq = [json.loads(next(fh)) for _ in range(7)]
+    boolq_labels = [1, 1, 0, 1, 0, 0, 0]  # first 5: three "yes" -> majority 3/5 (all 7: 4/7 "no")
+    _write_jsonl(tmp_path / "boolq" / "validation.hf.jsonl",
+                 [{**d, "passage": d["passage"][:80], "label": y} for d, y in zip(boolq, boolq_labels)])
+    with (data_dir / "arc_easy" / "test.hf.jsonl").open(encoding="utf-8") as fh:
+        arc = [json.loads(next(fh)) for _ in range(6)]
+    keep = [3, 4, 2, 4, 4, 4]  # choices kept per question: chance = mean of 1/k over the first 5
+    arc_docs = []
+    for doc, k, gold in zip(arc, keep, [1, 0, 1, 2, 1, 0]):  # first 5 golds: 1, 0, 1, 2, 1 -> majority 3/5
+        choices = {"text": doc["choices"]["text"][:k], "label": doc["choices"]["label"][:k]}
+        arc_docs.append({**doc, "choices": choices, "answerKey": choices["label"][gold]})
+    _write_jsonl(tmp_path / "arc_easy" / "test.hf.jsonl", arc_docs)
+    wino = [{"sentence": "Sam gave Kim a book because _ was kind.", "option1": "Sam", "option2": "Kim",
+             "answer": a} for a in ("2", "1", "2", "2", "1", "1")]  # first 5: "2" three times
+    _write_jsonl(tmp_path / "winogrande" / "winogrande_1.1_dev.jsonl", wino)
+
+    capsys.readouterr()
+    out = evaluate_zero_shot(model, tokenizer, ["boolq", "arc_easy", "winogrande"], tmp_path, limit=5)
+    err = capsys.readouterr().err
+    res = out["tasks"]
+    assert res["boolq"]["majority_baseline"] == pytest.approx(3 / 5) and res["boolq"]["chance"] == 0.5
+    assert res["arc_easy"]["majority_baseline"] == pytest.approx(3 / 5)
+    assert res["arc_easy"]["chance"] == pytest.approx(sum(1 / k for k in keep[:5]) / 5)
+    assert res["winogrande"]["majority_baseline"] == pytest.approx(3 / 5) and res["winogrande"]["chance"] == 0.5
+    assert [res[t]["n_available"] for t in ("boolq", "arc_easy", "winogrande")] == [7, 6, 6]
+    assert all(res[t]["n"] == 5 and res[t]["noisy"] for t in res)  # 5 of 6-7 examples
+    requests = 5 * 2 + sum(keep[:5]) + 5 * 2  # one loglikelihood request per choice
+    assert "Running loglikelihood requests" in err and f"/{requests} [" in err
+    # the whole task (no limit): no longer "cut by --limit"
+    full = evaluate_zero_shot(model, tokenizer, ["boolq"], tmp_path)["tasks"]["boolq"]
+    assert full["n"] == 7 and full["majority_baseline"] == pytest.approx(4 / 7) and not full["noisy"]
+
+
+def test_lambada_has_no_baseline_and_quiet_hides_the_bar(model, tokenizer, data_dir, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what the CLI's --quiet sets
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="llmprune.evaluation.zeroshot"):
+        res = evaluate_zero_shot(model, tokenizer, ["lambada"], data_dir, limit=3)["tasks"]["lambada"]
+    assert res["majority_baseline"] is None and res["chance"] is None and res["n_available"] > 3
+    assert "Running loglikelihood requests" not in capsys.readouterr().err
+    assert any("too noisy" in r.getMessage() and "lambada (n=3 of" in r.getMessage() for r in caplog.records)

@@ -370,7 +370,8 @@ class _DropExpected(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Keep lm-eval's and datasets' progress bars and prints off the terminal.
+    """Keep lm-eval's and datasets' progress bars and prints off the terminal (all but the
+    loglikelihood request bar, which :func:`_with_request_bar` puts back).
 
     Logging is untouched except for the expected lm-eval messages above; what was printed is
     summarised on this module's logger at DEBUG level.
