@@ -87,8 +87,8 @@ def _pct(v) -> str:
 
 
 def zero_shot_details(rows: list[tuple[str, dict]]) -> str:
-    """Each zero-shot accuracy (%) with lm-eval's standard error beside what it must beat, then one line per
-    warning (`baselines.notes`): rows = tasks (one per number of scored examples n), columns = n, the
+    """Each zero-shot accuracy (%) with lm-eval's standard error beside what it must beat, then the warnings
+    (`baselines.notes`, at most two lines): rows = tasks (one per number of scored examples n), columns = n, the
     majority-class baseline and chance on those n examples, then one "acc ± stderr" column per model. "" when
     `rows` (= [(label, evaluate() result)]) have no zero-shot results."""
     from ..reporting import results_table
