@@ -438,7 +438,8 @@ def evaluate_zero_shot(
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
     "metric", "metrics", "data_files", "sha256", "differs_from_hub", "lm_eval_task"}},
-    "lm_eval_version", "limit", "num_fewshot", "data_dir"}``. Accuracies are fractions in [0, 1];
+    "lm_eval_version", "limit", "num_fewshot", "data_dir", "max_length"}`` (`max_length`: the context lm-eval
+    scored the requests at, from the model's config or tokenizer). Accuracies are fractions in [0, 1];
     values lm-eval does not compute for a task (e.g. acc_norm for boolq) are None. lambada also
     has "perplexity" and "perplexity_stderr".
 
@@ -488,6 +489,7 @@ def evaluate_zero_shot(
                 task_obj.set_config(key="num_fewshot", value=int(num_fewshot))
                 task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            max_length = int(lm.max_length)  # requests longer than this are cut from the left
             results = evaluate(
                 lm=lm,
                 task_dict=loaded,
@@ -543,4 +545,5 @@ def evaluate_zero_shot(
         "limit": limit,
         "num_fewshot": int(num_fewshot),
         "data_dir": str(root),
+        "max_length": max_length,
     }
