@@ -113,6 +113,8 @@ def test_prune_record_zeros_before_model_sparsity_and_resolved_values(tmp_path, 
     assert (f"| zeros before pruning (blocks' linear layers / whole model) | {100 * lin_zeros / lin:.2f} % / "
             f"{100 * all_zeros / total:.2f} % |") in card
     assert "| comparison group | per-row (the method's default) |" in card
+    assert (f"({100 * lin_after / lin:.2f} % of the blocks' linear weights are exact zeros, "
+            f"{100 * rec['model_sparsity']:.2f} % of all parameters)") in card
 
 
 def test_resolved_group_of_n_m_and_given_groups():

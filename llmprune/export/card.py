@@ -314,11 +314,10 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         what.append(f"{len(b.get('removed') or [])} of its {b.get('num_blocks_before', '?')} blocks removed "
                     f"({_method_label(blocks['method'])})")
     if prune:
-        sp = record.get("sparsity")
-        what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity"
-                    + (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros" if _finite(sp) else "")
-                    + (f", {100 * record['model_sparsity']:.2f} % of all parameters" if _finite(sp)
-                       and _finite(record.get("model_sparsity")) else "") + (")" if _finite(sp) else ""))
+        sp, msp = record.get("sparsity"), record.get("model_sparsity")
+        share = (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros"
+                 + (f", {100 * msp:.2f} % of all parameters" if _finite(msp) else "") + ")") if _finite(sp) else ""
+        what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity" + share)
     lines += [f"This model is {model_label} " + " and then ".join(what or ["as given"])
               + ", after training and without retraining, with llmprune.", ""]
 
