@@ -256,7 +256,7 @@ def _group_label(prune: Mapping, used: str | None) -> str:
     if not used:
         return given or "the method's default"
     if _pattern_name(prune) != "unstructured":
-        return f"{used} (each M consecutive weights of a row, the N:M pattern's groups)"
+        return f"{used} (every {_pattern_name(prune).partition(':')[2]} consecutive weights of a row: the N:M pattern's groups)"
     return used if given == used else f"{used} (the method's default)"
 
 
