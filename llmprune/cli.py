@@ -174,7 +174,9 @@ def format_summary(record: dict) -> str:
     if cfg:
         lines.append(f"method: {cfg['method']} {cfg['pattern']}"
                      + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
-                     + f" -> {100 * record['sparsity']:.2f} % of block weights are zero")
+                     + f" -> {100 * record['sparsity']:.2f} % of block linear weights are zero" + _zeros_note(record))
+    elif "model_sparsity" in record:
+        lines.append(f"zeros: {100 * record['sparsity']:.2f} % of block linear weights" + _zeros_note(record))
     if record.get("calibration"):
         c = record["calibration"]
         lines.append(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['description']} (sha256 {c['token_sha256'][:12]})")
@@ -192,6 +194,15 @@ def format_summary(record: dict) -> str:
     if record.get("output_dir"):
         lines.append(f"saved: {record['output_dir']}")
     return "\n".join(lines)
+
+
+def _zeros_note(record: dict) -> str:
+    """" (19.30 % of all parameters; 4.55 % were zero before pruning)": the whole model, and before pruning."""
+    if "model_sparsity" not in record:
+        return ""
+    before = (record.get("zeros_before") or {}).get("block_linear")
+    return (f" ({100 * record['model_sparsity']:.2f} % of all parameters"
+            + (f"; {100 * before:.2f} % were zero before pruning" if before is not None else "") + ")")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -120,6 +120,13 @@ class PruneConfig(_DictMixin):
 
         return self.comparison_group or SCORERS.get(self.method).default_group
 
+    @property
+    def effective_group(self) -> str:
+        """The comparison group actually used: `group` for unstructured sparsity; for N:M every M consecutive
+        weights of a row compete (e.g. "per-4-block" for 2:4), whatever `comparison_group` says."""
+        pat = self.pattern_spec
+        return self.group if pat.kind == "unstructured" else f"per-{pat.m}-block"
+
 
 @dataclass(frozen=True)
 class CalibrationConfig(_DictMixin):

@@ -234,11 +234,41 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return p
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc/self/status on Linux (no change to it); elsewhere set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it
+    os.umask(mask)
+    return mask
+
+
+def apply_default_permissions(folder: str | os.PathLike) -> None:
+    """Give `folder`, its sub-folders and files the modes a plain `open(path, "w")` / `mkdir` gives under the
+    umask (0o666 & ~umask, 0o777 & ~umask): writers that go through a private temporary file (safetensors,
+    mkstemp) leave 0o600 behind. Links are left alone."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(folder)
+    os.chmod(root, dir_mode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                os.chmod(path, dir_mode if name in dirnames else file_mode)
+
+
 def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLike, files: dict[str, dict] | None = None,
                            overwrite: bool = False, extra=None) -> Path:
     """Write a safetensors model, its tokenizer, extra JSON `files` and whatever `extra(tmp_folder)` writes into a
     temporary sibling folder, then rename it into place, so a failure never leaves a half-written `out_dir`, and an
-    existing one stays until the end (and is put back if the final rename fails)."""
+    existing one stays until the end (and is put back if the final rename fails). Every file and folder gets the
+    modes that the umask gives new files (see `apply_default_permissions`)."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -250,6 +280,7 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLi
             (tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
         if extra is not None:
             extra(tmp)
+        apply_default_permissions(tmp)  # model.safetensors comes out 0o600
         backup = None
         if out.exists():
             backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .calibration import load_calibration
+from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import check_output_dir, load_model, resolve_device, resolve_dtype, save_pretrained_atomic
@@ -61,6 +62,9 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
     timings = {"load_model": time.perf_counter() - t}
     log.info("loaded %s (%s, %d blocks) in %.1f s", loaded.source, type(model).__name__,
              model.config.get_text_config().num_hidden_layers, timings["load_model"])
+    from .evaluation.compression import zero_counts
+
+    zeros_before = zero_counts(model)  # e.g. a dequantized GGUF already holds exact zeros
 
     if block_cfg is not None:
         from .models import find_blocks
@@ -93,6 +97,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         timings.update(report.timings)
     else:
         timings["prune_total"] = block_report["timings"]["total"]
+    zeros_after = zero_counts(model)
 
     if eval_cfg is not None and eval_cfg.datasets:
         t = time.perf_counter()
@@ -121,7 +126,11 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         "versions": package_versions(),
         "device": str(device),
         "blocks": block_report,
-        "sparsity": report.sparsity if report else 0.0,
+        "sparsity": report.sparsity if report else zeros_after["block_linear"],  # zeros of the blocks' linear weights
+        "model_sparsity": zeros_after["model"],  # zeros of all parameters, embeddings included, tied ones once
+        "zeros_before": zeros_before,
+        "zeros_after": zeros_after,
+        "resolved": _resolved(prune_cfg, calib_cfg, eval_cfg if after is not None else None, calibration, evaluation),
         "layer_sparsity": report.layer_sparsity if report else {},
         "timings": timings,
         "block_timings": report.block_timings if report else [],
@@ -133,8 +142,8 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         t = time.perf_counter()
         files = {"llmprune.json": record}
         if evaluation is not None:
-            files["results.json"] = {"model": loaded.source, "pruning": record["config"], "results": evaluation,
-                                     "versions": record["versions"]}
+            files["results.json"] = {"model": loaded.source, "pruning": record["config"], "resolved": record["resolved"],
+                                     "results": evaluation, "versions": record["versions"]}
 
         def extra(folder: Path) -> None:
             from .export import write_card
@@ -151,6 +160,27 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record
+
+
+def _resolved(prune_cfg, calib_cfg, eval_cfg, calibration, evaluation) -> dict:
+    """What the config left to defaults, as used: the comparison group, the data folders read ("hub" for the
+    Hub), the context length of the zero-shot requests. Only what applies to this job."""
+    from .calibration.data import NAMED_SOURCES
+
+    out: dict = {}
+    if prune_cfg is not None:
+        out["comparison_group"] = prune_cfg.effective_group
+    dirs = {}
+    if calibration is not None and calib_cfg.source in NAMED_SOURCES:
+        dirs["calibration"] = _data_dir_label(calib_cfg.data_dir)
+    if eval_cfg is not None:
+        dirs["eval"] = _data_dir_label(eval_cfg.data_dir)
+    if evaluation is not None:
+        dirs["tasks"] = evaluation["data_dir"]
+    out["data_dir"] = dirs
+    if evaluation is not None and evaluation.get("zero_shot"):
+        out["zero_shot_max_length"] = evaluation["zero_shot"]["max_length"]
+    return out
 
 
 def _label(prune_cfg, block_cfg) -> str:
@@ -266,7 +296,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
         res = evaluate(model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev, data_dir=calib_cfg.data_dir,
                        max_windows=max_windows)
         records.append({"method": method, "pattern": pattern, "sparsity": rep.sparsity if s is None else s,
-                        "measured_sparsity": rep.sparsity, "group": cfg.group, "prune_seconds": rep.timings["prune_total"],
+                        "measured_sparsity": rep.sparsity, "group": cfg.effective_group, "prune_seconds": rep.timings["prune_total"],
                         "layer_sparsity": rep.layer_sparsity, "results": res})
         del model
     for r in records:
@@ -275,6 +305,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
             "config": {"methods": list(methods), "sparsities": list(sparsities), "patterns": list(patterns),
                        "tasks": list(tasks), "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit,
                        "calibration": calib_cfg.to_dict()},
+            "resolved": {"data_dir": _data_dir_label(calib_cfg.data_dir)},
             "records": records, "versions": package_versions()}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", data)

@@ -10,12 +10,17 @@ Config fields rewritten (on the text config), when present:
   sliding windows, `mlp_layer_types`, Llama 4 `no_rope_layers`...): the removed entries are dropped;
 * lists of layer indices (`mlp_only_layers`, `moe_layers`): removed indices dropped, the others renumbered;
 * "the first m layers" counts (`max_window_layers`, `first_k_dense_replace`) below the layer count: m becomes
-  the number of kept blocks among the first m.
+  the number of kept blocks among the first m;
+* periods from which `layer_types` was derived (`sliding_window_pattern` and Gemma 3's `_sliding_window_pattern`:
+  layer i is full attention when (i + 1) % p == 0): when the kept layers no longer follow p, p becomes the
+  smallest period they follow, or None when they follow none (`layer_types`, always saved, then says it all).
 
 Token-id lists (`eos_token_id`...) and `architectures` are never treated as per-layer. Before anything changes,
 a model built from the rewritten config on the meta device must have exactly the parameter names and shapes
-of the pruned model; otherwise the removal is refused (the architecture derives its structure from layer
-indices in a way not covered above).
+of the pruned model, its config must survive a `to_dict`/`from_dict` round trip with the rewritten per-layer
+lists, and every kept block must get the same attention settings (`attention_type`, `is_sliding`,
+`sliding_window`...) as it has now; otherwise the removal is refused (the architecture derives its structure from
+layer indices in a way not covered above).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
 PREFIX_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
+PERIOD_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")
+# Per-layer attention settings that a block reads from the config when it is built (compared after a rebuild).
+ATTENTION_ATTRS = ("attention_type", "layer_type", "is_sliding", "sliding_window", "use_rope", "is_causal")
 
 
 def normalize_indices(indices: Iterable[int], n: int, what: str = "block") -> list[int]:
@@ -76,6 +84,18 @@ def _is_per_layer_list(key: str, value, n: int) -> bool:
     return not (key == "architectures" or "token" in key or key.endswith(("_id", "_ids")))
 
 
+def _follows_period(types, p) -> bool:
+    """Whether `types` are what period `p` gives: "full_attention" at layers i with (i + 1) % p == 0, else sliding."""
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or not isinstance(types, (list, tuple)):
+        return False
+    return all(t == ("full_attention" if (i + 1) % p == 0 else "sliding_attention") for i, t in enumerate(types))
+
+
+def sliding_period(types) -> int | None:
+    """The smallest period p that `types` (a layer_types list) follow, or None when they follow none."""
+    return next((p for p in range(1, len(types) + 2) if _follows_period(types, p)), None)
+
+
 def plan_config_updates(cfg, n: int, kept: list[int]) -> dict[str, tuple]:
     """key -> (before, after) for every config field that depends on the blocks (see the module docstring)."""
     updates: dict[str, tuple] = {}
@@ -96,6 +116,12 @@ def plan_config_updates(cfg, n: int, kept: list[int]) -> dict[str, tuple]:
             updates[key] = (value, sum(1 for i in kept if i < value))  # a count >= n covers every block: kept
         elif _is_per_layer_list(key, value, n):
             updates[key] = (value, type(value)(value[i] for i in kept))
+    types = getattr(cfg, "layer_types", None)
+    new_types = updates.get("layer_types", (None, types))[1]
+    for key in PERIOD_KEYS:
+        p = getattr(cfg, key, None)
+        if _follows_period(types, p) and not _follows_period(new_types, p):  # a period that no longer holds
+            updates[key] = (p, sliding_period(new_types))
     return {k: v for k, v in updates.items() if v[0] != v[1]}
 
 
@@ -119,25 +145,56 @@ def _renamed_state_shapes(model: nn.Module, blocks: Blocks, kept: list[int]) -> 
     return out
 
 
+def _attention_settings(block: nn.Module) -> dict[str, object]:
+    """{module.attr: value} of the per-layer attention settings (`ATTENTION_ATTRS`) of one block's modules."""
+    out = {}
+    for name, module in block.named_modules():
+        for attr in ATTENTION_ATTRS:
+            v = vars(module).get(attr, ...)  # set on the module itself, not a method or class default
+            if v is None or isinstance(v, (str, int, float, bool)):
+                out[f"{name}.{attr}" if name else attr] = v
+    return out
+
+
 def check_reloadable(model: nn.Module, blocks: Blocks, kept: list[int], updates: dict[str, tuple]) -> None:
-    """Refuse a removal after which `from_pretrained` would build a model of another shape."""
-    new_config = copy.deepcopy(model.config)
-    _apply_config_updates(text_config_of(new_config), updates)
+    """Refuse a removal after which `from_pretrained` would build another model: other parameter shapes, a config
+    whose per-layer fields change on reload, or kept blocks with other attention settings than they have now."""
+    removed = sorted(set(range(len(blocks))) - set(kept))
+    edited = copy.deepcopy(model.config)
+    _apply_config_updates(text_config_of(edited), updates)
     try:
+        new_config = type(edited).from_dict(edited.to_dict())  # what config.json gives back
         with torch.device("meta"):
             fresh = type(model)(new_config)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LLMPruneError(
-            f"{type(model).__name__} cannot be rebuilt from its config with blocks {sorted(set(range(len(blocks))) - set(kept))} "
+            f"{type(model).__name__} cannot be rebuilt from its config with blocks {removed} "
             f"removed ({first}); block removal is not supported for this model"
         ) from None
+    reloaded = text_config_of(new_config)
+    for key, (_, after) in updates.items():
+        if isinstance(after, (list, tuple)) and list(getattr(reloaded, key, None) or []) != list(after):
+            raise LLMPruneError(
+                f"{type(model).__name__} with blocks {removed} removed: the config's {key} would not reload as "
+                f"rewritten ({list(after)!r} saved, {getattr(reloaded, key, None)!r} loaded); block removal is not "
+                "supported for this model"
+            )
+    fresh_blocks = find_blocks(fresh).modules
+    for j, i in enumerate(kept):
+        have, get = _attention_settings(blocks.modules[i]), _attention_settings(fresh_blocks[j])
+        if have != get:
+            key = next(k for k in sorted(set(have) | set(get)) if have.get(k) != get.get(k))
+            raise LLMPruneError(
+                f"{type(model).__name__} with blocks {removed} removed: block {i} (then {j}) would reload with "
+                f"{key}={get.get(key)!r} instead of {have.get(key)!r}; block removal is not supported for this model"
+            )
     want = _renamed_state_shapes(model, blocks, kept)
     got = {name: tuple(t.shape) for name, t in fresh.state_dict().items()}
     if want != got:
         diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
         raise LLMPruneError(
-            f"{type(model).__name__} with blocks {sorted(set(range(len(blocks))) - set(kept))} removed would not reload "
+            f"{type(model).__name__} with blocks {removed} removed would not reload "
             f"as saved (first difference: {diff[0]}); its config derives the block structure from layer indices in "
             "a way llmprune does not rewrite; remove other blocks or use another model"
         )

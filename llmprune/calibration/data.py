@@ -67,6 +67,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return Path(d).expanduser() if d else None
 
 
+def data_dir_label(data_dir: str | os.PathLike | None) -> str:
+    """Where named datasets are read from, for records: the absolute folder `resolve_data_dir` gives, or "hub"."""
+    d = resolve_data_dir(data_dir)
+    return str(d.resolve()) if d is not None else "hub"
+
+
 # ---------------------------------------------------------------- text sources
 
 def read_documents(path: Path) -> list[str]:

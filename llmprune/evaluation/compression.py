@@ -138,6 +138,26 @@ def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def zero_counts(model: nn.Module) -> dict:
+    """Exact zeros of the blocks' linear weights and of all parameters (tied weights once, embeddings, norms and
+    biases included): {"block_linear": fraction, "model": fraction, "block_linear_zeros", "block_linear_params",
+    "model_zeros", "model_params"}. Counted with `count_nonzero`, one tensor at a time, on the tensors' devices."""
+    blocks = find_blocks(model)
+    lin_zeros = lin_size = 0
+    for block in blocks.modules:
+        for layer in linear_layers(block).values():
+            w = weight_oi(layer)  # (out_features, in_features)
+            lin_zeros += w.numel() - int(torch.count_nonzero(w))
+            lin_size += w.numel()
+    params = _unique_parameters(model)
+    size = sum(p.numel() for p in params)
+    zeros = size - sum(int(torch.count_nonzero(p)) for p in params)
+    return {"block_linear": lin_zeros / lin_size if lin_size else 0.0, "model": zeros / size if size else 0.0,
+            "block_linear_zeros": lin_zeros, "block_linear_params": lin_size, "model_zeros": zeros,
+            "model_params": size}
+
+
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
@@ -239,4 +259,4 @@ def compression_report(model: nn.Module, dense_params: int | None = None, seqlen
     return out
 
 
-__all__ = ["compression_report", "forward_flops", "attention_flops", "attention_shape", "UNGATED_MLP_TYPES"]
+__all__ = ["compression_report", "zero_counts", "forward_flops", "attention_flops", "attention_shape", "UNGATED_MLP_TYPES"]

@@ -51,10 +51,16 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
     """Evaluate `model` on perplexity datasets (wikitext2, c4) and zero-shot tasks (lm-eval names).
 
     `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows. The model stays where it is
-    unless `device` says otherwise (it is then moved there and back)."""
+    unless `device` says otherwise (it is then moved there and back). `seqlen` is the perplexity window; lm-eval
+    scores zero-shot requests at the model's own context length (`zero_shot.max_length`). `seqlen` in the result
+    is the length actually used: the perplexity window, or with zero-shot tasks only that context length;
+    `data_dir` is the folder read (absolute) or "hub"."""
+    from ..calibration.data import data_dir_label
+
     ppl_names, zs_names = split_tasks(tasks)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    results: dict = {"perplexity": {}, "zero_shot": {}, "seqlen": seqlen, "device": str(dev)}
+    results: dict = {"perplexity": {}, "zero_shot": {}, "seqlen": seqlen, "device": str(dev),
+                     "data_dir": data_dir_label(data_dir)}
     if ppl_names:
         bs = _auto_ppl_batch(model, seqlen, dev) if batch_size == "auto" else int(batch_size)
         for name in ppl_names:
@@ -73,6 +79,8 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
         zs = evaluate_zero_shot(model, tokenizer, zs_names, data_dir, limit=limit, batch_size=bs, device=dev)
         zs["seconds"] = time.perf_counter() - t
         results["zero_shot"] = zs
+        if not ppl_names:
+            results["seqlen"] = zs["max_length"]
     return results
 
 

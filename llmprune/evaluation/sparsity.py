@@ -21,9 +21,11 @@ def sparsity_summary(model: nn.Module, n: int | None = None, m: int | None = Non
             size += w.numel()
             if n is not None and m is not None:
                 nm_ok = nm_ok and check_nm(w, n, m)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from .compression import zero_counts
+
+    counts = zero_counts(model)  # all parameters, tied ones once
     out = {"layers": layers, "block_linear_sparsity": zeros / max(1, size), "block_linear_params": size,
-           "total_params": total, "nonzero_params": total - zeros}
+           "total_params": counts["model_params"], "nonzero_params": counts["model_params"] - counts["model_zeros"]}
     if n is not None and m is not None:
         out["nm_valid"] = nm_ok
     return out

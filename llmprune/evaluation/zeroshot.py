@@ -490,7 +490,8 @@ def evaluate_zero_shot(
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
     "metric", "metrics", "data_files", "sha256", "differs_from_hub", "lm_eval_task"}},
-    "lm_eval_version", "limit", "num_fewshot", "data_dir"}``. Accuracies are fractions in [0, 1];
+    "lm_eval_version", "limit", "num_fewshot", "data_dir", "max_length"}`` (`max_length`: the context lm-eval
+    scored the requests at, from the model's config or tokenizer). Accuracies are fractions in [0, 1];
     values lm-eval does not compute for a task (e.g. acc_norm for boolq) are None. lambada also
     has "perplexity" and "perplexity_stderr". Each task also has "majority_baseline" (accuracy of
     always answering the most frequent gold label of the n scored documents), "chance" (mean of
@@ -549,6 +550,7 @@ def evaluate_zero_shot(
             lm = _with_request_bar(HFLM, terminal)(
                 pretrained=model, tokenizer=tokenizer, batch_size=batch_size
             )
+            max_length = int(lm.max_length)  # requests longer than this are cut from the left
             results = evaluate(
                 lm=lm,
                 task_dict=loaded,
@@ -610,4 +612,5 @@ def evaluate_zero_shot(
         "limit": limit,
         "num_fewshot": int(num_fewshot),
         "data_dir": str(root),
+        "max_length": max_length,
     }

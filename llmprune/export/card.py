@@ -250,6 +250,29 @@ def _num(v, fmt="{:.3f}") -> str:
     return fmt.format(v) if _finite(v) else ("inf" if isinstance(v, float) and math.isinf(v) else "-")
 
 
+def _group_label(prune: Mapping, used: str | None) -> str:
+    """The comparison group used, and why: given, the method's default, or the N:M pattern's own groups."""
+    given = prune.get("comparison_group")
+    if not used:
+        return given or "the method's default"
+    if _pattern_name(prune) != "unstructured":
+        return f"{used} (every {_pattern_name(prune).partition(':')[2]} consecutive weights of a row: the N:M pattern's groups)"
+    return used if given == used else f"{used} (the method's default)"
+
+
+def _zero_rows(record: Mapping) -> list[list[str]]:
+    """Table rows: zeros of all parameters after pruning, and zeros present before pruning (e.g. from a GGUF)."""
+    rows, after, before = [], record.get("zeros_after") or {}, record.get("zeros_before") or {}
+    if _finite(record.get("model_sparsity")):
+        count = (f" ({after['model_zeros']:,} of {after['model_params']:,})" if "model_zeros" in after else "")
+        rows.append(["zeros in the whole model (all parameters, embeddings included)",
+                     f"{100 * record['model_sparsity']:.2f} %{count}"])
+    if _finite(before.get("block_linear")) and _finite(before.get("model")):
+        rows.append(["zeros before pruning (blocks' linear layers / whole model)",
+                     f"{100 * before['block_linear']:.2f} % / {100 * before['model']:.2f} %"])
+    return rows
+
+
 def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None) -> ModelCard:
     """A Hugging Face model card for the pruned model that `record` (its llmprune.json) describes.
 
@@ -291,9 +314,10 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         what.append(f"{len(b.get('removed') or [])} of its {b.get('num_blocks_before', '?')} blocks removed "
                     f"({_method_label(blocks['method'])})")
     if prune:
-        sp = record.get("sparsity")
-        what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity"
-                    + (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros)" if _finite(sp) else ""))
+        sp, msp = record.get("sparsity"), record.get("model_sparsity")
+        share = (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros"
+                 + (f", {100 * msp:.2f} % of all parameters" if _finite(msp) else "") + ")") if _finite(sp) else ""
+        what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity" + share)
     lines += [f"This model is {model_label} " + " and then ".join(what or ["as given"])
               + ", after training and without retraining, with llmprune.", ""]
 
@@ -324,7 +348,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
                  ["target sparsity", f"{100 * _target_sparsity(prune):g} %"]]
         if _finite(record.get("sparsity")):
             rows.append(["measured sparsity (blocks' linear layers)", f"{100 * record['sparsity']:.2f} %"])
-        rows.append(["comparison group", prune.get("comparison_group") or "the method's default"])
+        rows.append(["comparison group", _group_label(prune, (record.get("resolved") or {}).get("comparison_group"))])
         if prune["method"] == "ria":
             rows.append(["RIA activation exponent a", f"{prune.get('ria_alpha', 0.5):g}"])
         if prune["method"] == "sparsegpt":
@@ -338,6 +362,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
                  ["iterative", "yes" if blocks.get("iterative") else "no"]]
         if b.get("params_before") and b.get("params_after"):
             rows.append(["parameters before → after", f"{b['params_before']:,} → {b['params_after']:,}"])
+    rows += _zero_rows(record)
     lines += [_md_table(["Setting", "Value"], rows, numeric_from=2), ""]
     lines += ["Full configuration (`llmprune.json` → `config`; local data folders left out):", "", "```json",
               json.dumps(_without_local_paths(record.get("config")), indent=2, default=str), "```", ""]
