@@ -424,6 +424,7 @@ def evaluate_zero_shot(
     batch_size=1,
     device=None,
     num_fewshot=0,
+    add_bos_token=None,
 ) -> dict:
     """Zero-shot accuracy with lm-eval's Python API on an in-memory HF causal LM.
 
@@ -434,7 +435,8 @@ def evaluate_zero_shot(
     `limit` is lm-eval's (first N documents, or a fraction when < 1). `device`, when given, is
     where the model is moved for the run; it is moved back afterwards. `num_fewshot` > 0 draws
     shots from the scored split itself (no train splits are stored locally; lm-eval leaves out
-    the document being scored).
+    the document being scored). `add_bos_token` is HFLM's (None: the tokenizer's own rule; True/False:
+    encode every request with/without the tokenizer's special tokens); it is recorded.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
     "metric", "metrics", "data_files", "sha256", "differs_from_hub", "lm_eval_task"}},
@@ -487,7 +489,7 @@ def evaluate_zero_shot(
             for task_obj in loaded["tasks"].values():
                 task_obj.set_config(key="num_fewshot", value=int(num_fewshot))
                 task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
             results = evaluate(
                 lm=lm,
                 task_dict=loaded,
@@ -543,4 +545,5 @@ def evaluate_zero_shot(
         "limit": limit,
         "num_fewshot": int(num_fewshot),
         "data_dir": str(root),
+        "add_bos_token": add_bos_token,
     }
