@@ -23,6 +23,10 @@ class _Parser(argparse.ArgumentParser):
         raise LLMPruneError(message)
 
 
+BOS_HELP = ("BOS policy of calibration and perplexity windows and zero-shot requests: auto (BOS on every window for "
+            "models that need it, e.g. Gemma; else the papers' single stream), always, never (default auto)")
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
 
@@ -63,6 +67,7 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
     g.add_argument("--allow-overlap", action="store_true", help="accept less calibration text than nsamples x seqlen tokens")
+    g.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-ppl", type=_csv, default=("wikitext2",), help="comma-separated: wikitext2, c4, or none (default wikitext2)")
     g.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
@@ -128,7 +133,7 @@ def cmd_prune(argv: list[str]) -> int:
         ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
         device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                                  data_dir=a.data_dir, allow_overlap=a.allow_overlap)
+                                  data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None
     if a.eval_ppl:
         from .evaluation.perplexity import PPL_DATASETS
@@ -138,7 +143,7 @@ def cmd_prune(argv: list[str]) -> int:
             if name not in PPL_DATASETS:
                 raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
         eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
-                              batch_size=a.eval_batch_size, data_dir=a.data_dir)
+                              batch_size=a.eval_batch_size, data_dir=a.data_dir, bos=a.bos)
     if a.push_to_hub and not a.output_dir:
         raise LLMPruneError("--push-to-hub needs --output-dir (the folder that is uploaded)")
     if a.push_to_hub:
@@ -240,11 +245,12 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--compile", action="store_true", help="compile each Transformer block for perplexity (GPU; ~5 s once at 7B, pays off on long runs)")
     p.add_argument("--sparse-kernels", action="store_true",
                    help="run 2:4 layers on sparse tensor cores where measured faster (GPU, bf16/fp16; cuSPARSELt)")
+    p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
     a = p.parse_args(argv)
     _configure_logging(a.quiet)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
                        dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output,
-                       compile=a.compile, sparse_kernels=a.sparse_kernels)
+                       compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos)
     c = rec["compression"]
     print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
           f"{c['nonzero_params']:,} non-zero)")
@@ -276,6 +282,7 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-overlap", action="store_true")
+    p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
     p.add_argument("--eval-seqlen", type=int, default=None)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
@@ -288,7 +295,7 @@ def cmd_sweep(argv: list[str]) -> int:
     except ValueError:
         raise LLMPruneError(f"--sparsities must be numbers, got {','.join(a.sparsities)}") from None
     calib = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                              data_dir=a.data_dir, allow_overlap=a.allow_overlap)
+                              data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or a.seqlen,
                      max_windows=a.max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
                      output_dir=a.output_dir, overwrite=a.overwrite)

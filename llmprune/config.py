@@ -139,8 +139,12 @@ class CalibrationConfig(_DictMixin):
     seed: int = 0
     data_dir: str | None = None
     allow_overlap: bool = False  # allow less text than nsamples x seqlen tokens (windows then overlap)
+    bos: str = "auto"  # BOS policy of the windows: auto | always | never (see llmprune.bos)
 
     def __post_init__(self) -> None:
+        from .bos import check_bos_policy
+
+        check_bos_policy(self.bos)
         if self.nsamples < 1:
             raise LLMPruneError(f"nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -156,8 +160,12 @@ class EvalConfig(_DictMixin):
     max_windows: int | None = None
     batch_size: int = 1
     data_dir: str | None = None
+    bos: str = "auto"  # BOS policy of the windows (and of zero-shot requests): auto | always | never
 
     def __post_init__(self) -> None:
+        from .bos import check_bos_policy
+
+        check_bos_policy(self.bos)
         object.__setattr__(self, "datasets", tuple(self.datasets))
         if self.seqlen < 2:
             raise LLMPruneError(f"eval seqlen must be >= 2, got {self.seqlen}")

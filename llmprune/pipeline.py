@@ -22,14 +22,17 @@ log = logging.getLogger(__name__)
 
 def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | None = None) -> dict:
     """Perplexity on each dataset of `eval_cfg`, with its protocol; `cache` keeps the tokenized texts."""
+    from .bos import resolve_bos
+
     out = {}
     cache = {} if cache is None else cache
+    bos = resolve_bos(eval_cfg.bos, tokenizer, model.config)
     for name in eval_cfg.datasets:
         if name not in cache:
-            cache[name] = load_eval_tokens(name, tokenizer, eval_cfg.data_dir, eval_cfg.seqlen)
+            cache[name] = load_eval_tokens(name, tokenizer, eval_cfg.data_dir, eval_cfg.seqlen, bos=bos)
         ids, where = cache[name]
         r = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, device=device,
-                       max_windows=eval_cfg.max_windows, desc=f"perplexity {name}")
+                       max_windows=eval_cfg.max_windows, desc=f"perplexity {name}", bos=bos)
         r["source"] = where
         out[name] = r
         log.info("%s perplexity %.3f (%d windows of %d tokens)", name, r["ppl"], r["windows"], r["seqlen"])
@@ -74,7 +77,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
     if block_cfg is not None or SCORERS.get(prune_cfg.method).needs != "none":
         t = time.perf_counter()
         vocab = model.get_input_embeddings().weight.shape[0]
-        calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab)
+        calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab, model_config=model.config)
         timings["calibration_data"] = time.perf_counter() - t
 
     ppl_cache: dict = {}
@@ -111,7 +114,8 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         t = time.perf_counter()
         evaluation = evaluate(model, tokenizer, tasks, seqlen=eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
                               limit=limit, device=device, data_dir=calib_cfg.data_dir,
-                              max_windows=eval_cfg.max_windows if eval_cfg else None)
+                              max_windows=eval_cfg.max_windows if eval_cfg else None,
+                              bos=eval_cfg.bos if eval_cfg else calib_cfg.bos)
         evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
@@ -211,11 +215,13 @@ def _place_for_eval(model, device: torch.device) -> None:
 
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
-                 output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False) -> dict:
+                 output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
+                 bos: str = "auto") -> dict:
     """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
 
     `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
-    bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is."""
+    bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is.
+    `bos`: the BOS policy of the perplexity windows and zero-shot requests (auto, always, never)."""
     from .evaluation.compression import compression_report
     from .evaluation.harness import evaluate, results_markdown, split_tasks
     from .errors import LLMPruneError
@@ -225,6 +231,9 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
         raise LLMPruneError("--compile with --sparse-kernels is not supported yet (the sparse kernels are not "
                             "checked under torch.compile); use one of them")
     split_tasks(tasks)  # unknown names fail before the model loads
+    from .bos import check_bos_policy
+
+    check_bos_policy(bos)
     dev = resolve_device(device)
     loaded = load_model(model_spec, resolve_dtype(dtype, dev))
     model = loaded.model
@@ -246,7 +255,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
             log.warning("2:4 sparse kernels not used: %s", rep.get("reason"))
     t = time.perf_counter()
     res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
-                   data_dir=data_dir, max_windows=max_windows, compile=compile)
+                   data_dir=data_dir, max_windows=max_windows, compile=compile, bos=bos)
     record = {"model": loaded.source, "architecture": type(model).__name__, "pruning": prune_record,
               "results": res, "compression": compression, "sparse_kernels": sparse24,
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "limit": limit,
@@ -265,7 +274,8 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
               eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
               dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False) -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
-    table and plots. Calibration windows and evaluation texts are loaded once and shared by all points."""
+    table and plots. Calibration windows and evaluation texts are loaded once and shared by all points. The BOS
+    policy `calib_cfg.bos` applies to calibration and evaluation alike."""
     import copy
 
     from .evaluation.harness import evaluate, split_tasks
@@ -285,16 +295,17 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
     dense_model, tok = loaded.model, loaded.tokenizer
     calibration = None
     if any(SCORERS.get(m).needs != "none" for m in methods):
-        calibration = load_calibration(calib_cfg, tok, vocab_size=dense_model.get_input_embeddings().weight.shape[0])
+        calibration = load_calibration(calib_cfg, tok, vocab_size=dense_model.get_input_embeddings().weight.shape[0],
+                                       model_config=dense_model.config)
     records = [{"method": "dense", "pattern": "unstructured", "sparsity": 0.0,
                 "results": evaluate(dense_model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev,
-                                    data_dir=calib_cfg.data_dir, max_windows=max_windows)}]
+                                    data_dir=calib_cfg.data_dir, max_windows=max_windows, bos=calib_cfg.bos)}]
     for method, pattern, s in points:
         model = copy.deepcopy(dense_model)
         cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device)
         rep = prune(model, cfg, calibration)
         res = evaluate(model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev, data_dir=calib_cfg.data_dir,
-                       max_windows=max_windows)
+                       max_windows=max_windows, bos=calib_cfg.bos)
         records.append({"method": method, "pattern": pattern, "sparsity": rep.sparsity if s is None else s,
                         "measured_sparsity": rep.sparsity, "group": cfg.effective_group, "prune_seconds": rep.timings["prune_total"],
                         "layer_sparsity": rep.layer_sparsity, "results": res})

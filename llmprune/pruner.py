@@ -98,7 +98,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     each linear layer's inputs (float32), the block is pruned, then re-run so that block i+1 is calibrated on
     the outputs of the already-pruned blocks. Embeddings and the LM head are never pruned."""
     if isinstance(calibration, torch.Tensor):
-        calibration = CalibrationData(calibration, "tensor", "token ids given in memory")
+        from .bos import AS_GIVEN_PLAN
+
+        calibration = CalibrationData(calibration, "tensor", "token ids given in memory", AS_GIVEN_PLAN)
     scorer_cls = SCORERS.get(config.method)
     scorer = scorer_cls(config)
     _check_prunable(model, config)

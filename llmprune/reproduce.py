@@ -94,7 +94,7 @@ def run_recipe(recipe: Recipe) -> dict:
         if ev is None or not ev.datasets:
             raise LLMPruneError(f"cell {recipe.name}: nothing to prune and nothing to evaluate")
         return run_eval_job(recipe.model, ev.datasets, seqlen=ev.seqlen, batch_size=ev.batch_size, dtype=recipe.dtype,
-                            data_dir=ev.data_dir, max_windows=ev.max_windows)
+                            data_dir=ev.data_dir, max_windows=ev.max_windows, bos=ev.bos)
     return run_prune_job(recipe.model, recipe.prune, recipe.calibration, recipe.eval, dtype=recipe.dtype,
                          eval_dense=False, block_cfg=recipe.blocks)
 

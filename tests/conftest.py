@@ -48,18 +48,23 @@ def calib_tokens(n: int = 4, seqlen: int = 16, seed: int = 1, vocab_size: int = 
     return torch.randint(0, vocab_size, (n, seqlen), generator=g)
 
 
-def tiny_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE trained in code on a few sentences (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = VOCAB, bos: bool = False):
+    """A byte-level BPE trained in code on a few sentences (no download). `bos=True`: it also has a `<bos>` token
+    and puts it at the start of every text it encodes (as Gemma's and Llama-2's tokenizers do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"] + (["<bos>"] if bos else []),
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80])
     text = ["the quick brown fox jumps over the lazy dog. " * 4, "pruning large language models after training. " * 4]
     tok.train_from_iterator(text, trainer)
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                           special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>",
+                                     **({"bos_token": "<bos>"} if bos else {}))
     return fast
 
 

@@ -2,7 +2,8 @@
 
 Documents (C4, .jsonl, .parquet): draw a random document until one is longer than seqlen, then a random
 window inside it (SparseGPT/Wanda's C4 loader). A text stream (WikiText-2, .txt): random windows of the
-tokenized stream. Both use a private `random.Random(seed)`, so the windows depend on the seed alone.
+tokenized stream. Both use a private `random.Random(seed)`, so the windows depend on the seed alone. The BOS
+policy (`llmprune.bos`) then puts BOS on every window (in place of its first token) or strips it from each text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..bos import AS_GIVEN_PLAN, BosPlan, resolve_bos
 from ..config import CalibrationConfig
 from ..errors import LLMPruneError
 
@@ -35,6 +37,7 @@ class CalibrationData:
     tokens: torch.Tensor  # (nsamples, seqlen) int64
     source: str
     description: str = ""
+    bos: BosPlan | None = None  # how BOS was placed in the windows (None: not recorded)
 
     @property
     def sha256(self) -> str:
@@ -50,7 +53,8 @@ class CalibrationData:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "description": self.description, "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "token_sha256": self.sha256}
+                "seqlen": self.seqlen, "token_sha256": self.sha256,
+                "bos": self.bos.to_dict() if self.bos is not None else None}
 
 
 def token_hash(tokens: torch.Tensor) -> str:
@@ -155,23 +159,27 @@ def _hub_dataset(path: str, name: str | None, split: str, **kw):
 
 # ---------------------------------------------------------------- sampling
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, return_attention_mask=False)["input_ids"]
+def _encode(tokenizer, text: str, bos: BosPlan | None = None) -> list[int]:
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    return bos.text_ids(ids) if bos is not None else ids
 
 
 def sample_document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
-                            allow_overlap: bool = False) -> torch.Tensor:
-    """SparseGPT/Wanda C4 sampling: a random document longer than seqlen, then a random window inside it."""
+                            allow_overlap: bool = False, bos: BosPlan | None = None) -> torch.Tensor:
+    """SparseGPT/Wanda C4 sampling: a random document longer than seqlen, then a random window inside it.
+
+    `bos`: each document's ids pass through `bos.text_ids` and the windows through `bos.windows`."""
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
 
     def ids(i: int) -> list[int]:
         if i not in cache:
-            cache[i] = _encode(tokenizer, docs[i])
+            cache[i] = _encode(tokenizer, docs[i], bos)
         return cache[i]
 
     if len(docs) <= 50_000:  # small enough to check up front that the request can be met
-        lengths = [len(x) for x in tokenizer(docs, return_attention_mask=False)["input_ids"]]
+        encoded = tokenizer(docs, return_attention_mask=False)["input_ids"]
+        lengths = [len(bos.text_ids(x) if bos is not None else x) for x in encoded]
         eligible = sum(n for n in lengths if n > seqlen)
         if eligible == 0:
             raise LLMPruneError(f"too little calibration text: no document is longer than seqlen={seqlen} tokens")
@@ -188,12 +196,16 @@ def sample_document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: i
                 break
         start = rng.randint(0, len(ids(i)) - seqlen - 1)
         out[s] = torch.tensor(ids(i)[start : start + seqlen])
-    return out
+    return bos.windows(out) if bos is not None else out
 
 
 def sample_stream_windows(stream: list[int], nsamples: int, seqlen: int, seed: int,
-                          allow_overlap: bool = False) -> torch.Tensor:
-    """Random windows of a tokenized text stream (Wanda/SparseGPT WikiText-2 loader)."""
+                          allow_overlap: bool = False, bos: BosPlan | None = None) -> torch.Tensor:
+    """Random windows of a tokenized text stream (Wanda/SparseGPT WikiText-2 loader).
+
+    `bos`: the stream passes through `bos.text_ids` and the windows through `bos.windows`."""
+    if bos is not None:
+        stream = bos.text_ids(stream)
     if len(stream) <= seqlen or (len(stream) < nsamples * seqlen and not allow_overlap):
         raise LLMPruneError(
             f"too little calibration text: {len(stream)} tokens for nsamples x seqlen = {nsamples * seqlen}; "
@@ -205,7 +217,7 @@ def sample_stream_windows(stream: list[int], nsamples: int, seqlen: int, seed: i
     for s in range(nsamples):
         start = rng.randint(0, len(stream) - seqlen - 1)
         out[s] = t[start : start + seqlen]
-    return out
+    return bos.windows(out) if bos is not None else out
 
 
 def load_token_file(path: Path) -> torch.Tensor:
@@ -234,8 +246,13 @@ def load_token_file(path: Path) -> torch.Tensor:
     return t
 
 
-def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | None = None) -> CalibrationData:
-    """Calibration windows for `cfg.source`: a named dataset, a local text file, or a saved token tensor."""
+def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | None = None,
+                     model_config=None) -> CalibrationData:
+    """Calibration windows for `cfg.source`: a named dataset, a local text file, or a saved token tensor.
+
+    Text is windowed under the BOS policy `cfg.bos`, resolved for `tokenizer` and `model_config` (the model's
+    `config`; without it `auto` cannot tell a model that needs BOS on every window). Token tensors are used as
+    given."""
     src = cfg.source
     path = Path(src).expanduser()
     if path.suffix in TOKEN_SUFFIXES:
@@ -244,32 +261,37 @@ def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | N
         tokens = load_token_file(path)
         if (cfg.nsamples, cfg.seqlen) != tuple(tokens.shape):
             log.info("token file %s used as given: %d windows of %d tokens", path, *tokens.shape)
-        data = CalibrationData(tokens, str(path), "token ids used as given")
+        if cfg.bos != "auto":
+            log.info("token file %s used as given: the BOS policy %r does not apply to it", path, cfg.bos)
+        data = CalibrationData(tokens, str(path), "token ids used as given", AS_GIVEN_PLAN)
     elif path.suffix in TEXT_SUFFIXES:
         if not path.is_file():
             raise LLMPruneError(f"calibration file not found: {path}")
         if tokenizer is None:
             raise LLMPruneError("a tokenizer is needed to calibrate on text")
+        bos = resolve_bos(cfg.bos, tokenizer, model_config)
         if path.suffix == ".txt":
             stream = _encode(tokenizer, path.read_text())
-            tokens = sample_stream_windows(stream, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+            tokens = sample_stream_windows(stream, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap, bos)
             desc = f"random windows of the text stream {path}"
         else:
             tokens = sample_document_windows(read_documents(path), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                             cfg.allow_overlap)
+                                             cfg.allow_overlap, bos)
             desc = f"random windows of random documents longer than seqlen, {path}"
-        data = CalibrationData(tokens, str(path), desc)
+        data = CalibrationData(tokens, str(path), desc, bos)
     elif src in NAMED_SOURCES:
         if tokenizer is None:
             raise LLMPruneError("a tokenizer is needed to calibrate on text")
+        bos = resolve_bos(cfg.bos, tokenizer, model_config)
         data_dir = resolve_data_dir(cfg.data_dir)
         text, where = named_source_text(src, "train", data_dir)
         if src == "c4":
-            tokens = sample_document_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+            tokens = sample_document_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.allow_overlap,
+                                             bos)
         else:
             tokens = sample_stream_windows(_encode(tokenizer, " ".join(text)), cfg.nsamples, cfg.seqlen, cfg.seed,
-                                           cfg.allow_overlap)
-        data = CalibrationData(tokens, src, where)
+                                           cfg.allow_overlap, bos)
+        data = CalibrationData(tokens, src, where, bos)
     else:
         raise LLMPruneError(
             f"unknown calibration source {src!r}: give a named dataset ({', '.join(NAMED_SOURCES)}), "
@@ -279,6 +301,6 @@ def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | N
         int(data.tokens.min()) < 0 or int(data.tokens.max()) >= vocab_size
     ):
         raise LLMPruneError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
-    log.info("calibration: %d x %d tokens from %s (sha256 %s)", data.nsamples, data.seqlen, data.description,
-             data.sha256[:16])
+    log.info("calibration: %d x %d tokens from %s (sha256 %s, BOS %s)", data.nsamples, data.seqlen, data.description,
+             data.sha256[:16], data.bos.resolved if data.bos is not None else "-")
     return data

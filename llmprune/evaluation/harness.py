@@ -9,6 +9,7 @@ import time
 import torch
 from torch import nn
 
+from ..bos import resolve_bos, tokenizer_for_plan
 from ..errors import LLMPruneError
 from ..registry import unknown_name_message
 from .perplexity import PPL_DATASETS, load_eval_tokens, perplexity
@@ -47,26 +48,28 @@ def _auto_ppl_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_size: int | str = "auto",
              limit: int | None = None, device: str | torch.device | None = None, data_dir=None,
-             max_windows: int | None = None, compile: bool = False) -> dict:
+             max_windows: int | None = None, compile: bool = False, bos: str = "auto") -> dict:
     """Evaluate `model` on perplexity datasets (wikitext2, c4) and zero-shot tasks (lm-eval names).
 
     `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows. The model stays where it is
     unless `device` says otherwise (it is then moved there and back). `seqlen` is the perplexity window; lm-eval
     scores zero-shot requests at the model's own context length (`zero_shot.max_length`). `seqlen` in the result
     is the length actually used: the perplexity window, or with zero-shot tasks only that context length;
-    `data_dir` is the folder read (absolute) or "hub"."""
+    `data_dir` is the folder read (absolute) or "hub". `bos` is the BOS policy (auto, always, never;
+    `llmprune.bos`) of the perplexity windows and of the zero-shot requests (lm-eval's `add_bos_token`)."""
     from ..calibration.data import data_dir_label
 
     ppl_names, zs_names = split_tasks(tasks)
+    plan = resolve_bos(bos, tokenizer, getattr(model, "config", None))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     results: dict = {"perplexity": {}, "zero_shot": {}, "seqlen": seqlen, "device": str(dev),
                      "data_dir": data_dir_label(data_dir)}
     if ppl_names:
         bs = _auto_ppl_batch(model, seqlen, dev) if batch_size == "auto" else int(batch_size)
         for name in ppl_names:
-            ids, where = load_eval_tokens(name, tokenizer, data_dir, seqlen)
+            ids, where = load_eval_tokens(name, tokenizer, data_dir, seqlen, bos=plan)
             r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile,
-                           desc=f"perplexity {name}")
+                           desc=f"perplexity {name}", bos=plan)
             r.update(source=where, batch_size=bs, compiled=compile)
             results["perplexity"][name] = r
             log.info("%s: perplexity %.3f (%d windows of %d, %.0f tokens/s)", name, r["ppl"], r["windows"], seqlen,
@@ -76,7 +79,9 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
 
         t = time.perf_counter()
         bs = 1 if batch_size == "auto" and dev.type == "cpu" else (batch_size if batch_size != "auto" else "auto")
-        zs = evaluate_zero_shot(model, tokenizer, zs_names, data_dir, limit=limit, batch_size=bs, device=dev)
+        zs = evaluate_zero_shot(model, tokenizer_for_plan(tokenizer, plan), zs_names, data_dir, limit=limit,
+                                batch_size=bs, device=dev, add_bos_token=plan.lm_eval_add_bos_token)
+        zs["bos"] = plan.to_dict()
         zs["seconds"] = time.perf_counter() - t
         results["zero_shot"] = zs
         if not ppl_names:

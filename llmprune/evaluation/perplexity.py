@@ -2,7 +2,8 @@
 windows of `seqlen` (tail dropped), ppl = exp(mean over windows of the mean next-token NLL).
 
 WikiText-2: the raw test split joined with "\\n\\n". C4: the first 1100 validation documents joined with " ",
-the first 256 windows (the reference's choice)."""
+the first 256 windows (the reference's choice). The BOS policy (`llmprune.bos`) may put BOS in place of the first
+token of every window (window length and scored tokens kept) or strip the text's leading BOS; the result records it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bos import AS_GIVEN_PLAN, BosPlan
 from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
 from ..models import find_blocks
@@ -28,8 +30,11 @@ PPL_DATASETS = ("wikitext2", "c4")
 C4_EVAL_WINDOWS = 256
 
 
-def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, seqlen: int | None = None):
-    """The evaluation token stream (1-D int64) of a perplexity dataset, and where it came from."""
+def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, seqlen: int | None = None,
+                     bos: BosPlan | None = None):
+    """The evaluation token stream (1-D int64) of a perplexity dataset, and where it came from.
+
+    `bos`: the encoded text passes through `bos.text_ids` (for `never`, its leading BOS is removed)."""
     if name not in PPL_DATASETS:
         raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
     ddir = resolve_data_dir(data_dir)
@@ -39,7 +44,8 @@ def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, s
     else:
         docs, where = named_source_text("c4", "validation", ddir)
         text = " ".join(docs[:C4_EVAL_DOCS])
-    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.int64)
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    ids = torch.tensor(bos.text_ids(ids) if bos is not None else ids, dtype=torch.int64)
     if name == "c4" and seqlen is not None:
         ids = ids[: C4_EVAL_WINDOWS * seqlen]
     return ids, where
@@ -74,8 +80,11 @@ def compiled_blocks(model: nn.Module):
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
                device: str | torch.device | None = None, max_windows: int | None = None,
-               compile: bool = False, desc: str = "perplexity") -> dict:
+               compile: bool = False, desc: str = "perplexity", bos: BosPlan | None = None) -> dict:
     """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
+
+    `bos`: the windows pass through `bos.windows` (every-window: BOS replaces each window's first token, which is
+    never scored); None uses them exactly as cut from `ids`. The plan is recorded under "bos".
 
     Logits are upcast to float32 for the loss; returns the protocol with the number. Batches are made equal in
     size (so a compiled forward sees one shape); `compile=True` compiles the Transformer blocks
@@ -86,6 +95,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     if nwin == 0:
         raise LLMPruneError(f"the evaluation text ({ids.numel()} tokens) is shorter than one window of {seqlen}")
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    bos = AS_GIVEN_PLAN if bos is None else bos
+    windows = bos.windows(windows)
     batch_size = max(1, min(batch_size, nwin))
     batch_size = -(-nwin // -(-nwin // batch_size))  # as equal as possible: ceil(n / number of batches)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -112,4 +123,4 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
         log.warning("perplexity is not finite (NLL %s)", mean_nll)
     return {"ppl": math.exp(mean_nll) if mean_nll < 700 else float("inf"), "nll": mean_nll, "seqlen": seqlen,
             "windows": nwin, "tokens": nwin * seqlen, "seconds": seconds,
-            "tokens_per_s": nwin * seqlen / seconds if seconds > 0 else None}
+            "tokens_per_s": nwin * seqlen / seconds if seconds > 0 else None, "bos": bos.to_dict()}

@@ -476,6 +476,7 @@ def evaluate_zero_shot(
     batch_size=1,
     device=None,
     num_fewshot=0,
+    add_bos_token=None,
 ) -> dict:
     """Zero-shot accuracy with lm-eval's Python API on an in-memory HF causal LM.
 
@@ -486,7 +487,8 @@ def evaluate_zero_shot(
     `limit` is lm-eval's (first N documents, or a fraction when < 1). `device`, when given, is
     where the model is moved for the run; it is moved back afterwards. `num_fewshot` > 0 draws
     shots from the scored split itself (no train splits are stored locally; lm-eval leaves out
-    the document being scored).
+    the document being scored). `add_bos_token` is HFLM's (None: the tokenizer's own rule; True/False:
+    encode every request with/without the tokenizer's special tokens); it is recorded.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
     "metric", "metrics", "data_files", "sha256", "differs_from_hub", "lm_eval_task"}},
@@ -548,7 +550,7 @@ def evaluate_zero_shot(
                 task_obj.set_config(key="num_fewshot", value=int(num_fewshot))
                 task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed
             lm = _with_request_bar(HFLM, terminal)(
-                pretrained=model, tokenizer=tokenizer, batch_size=batch_size
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token
             )
             max_length = int(lm.max_length)  # requests longer than this are cut from the left
             results = evaluate(
@@ -613,4 +615,5 @@ def evaluate_zero_shot(
         "num_fewshot": int(num_fewshot),
         "data_dir": str(root),
         "max_length": max_length,
+        "add_bos_token": add_bos_token,
     }

@@ -151,6 +151,8 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model") 
              "--seqlen", str(calib.get("seqlen", 2048)), "--seed", str(calib.get("seed", 0))]
     if calib.get("allow_overlap"):
         args.append("--allow-overlap")
+    if calib.get("bos", "auto") != "auto":
+        args += ["--bos", calib["bos"]]
     if ev:
         args += ["--eval-ppl", ",".join(ev.get("datasets") or []) or "none"]
         if ev.get("seqlen") and ev["seqlen"] != calib.get("seqlen", 2048):
