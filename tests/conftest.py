@@ -84,3 +84,10 @@ def data_dir() -> Path:
     d = Path(os.environ.get("LLMPRUNE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
     assert d.is_dir(), f"shared data not found at {d}; set LLMPRUNE_DATA_DIR"
     return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress_env(monkeypatch):
+    """`-q` sets TQDM_DISABLE for the rest of the process (right for the CLI); a test must not leak it."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    yield
