@@ -81,14 +81,16 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------- 1. checks before the work
 
-def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path:
+def check_writable(path: str | os.PathLike, what: str = "output folder", in_place: bool = True) -> Path:
     """Refuse a folder path that cannot be created or written: an existing file at `path`, a file where one of its
-    parent folders should be, a read-only filesystem, or a location where a probe file can't be created. Leaves
-    nothing behind. Returns the path (expanded)."""
+    parent folders should be, a read-only filesystem, or a location where a probe file can't be created. The probe
+    goes where the files will be created: into the folder itself (or its nearest existing ancestor) when they are
+    written `in_place`, else beside it, where a temporary sibling is made and renamed (`write_output_dir`; a
+    probe inside would be seen by a run that is finishing there). Leaves nothing behind. Returns the path."""
     p = Path(path).expanduser()
     if os.path.lexists(p) and not p.is_dir():
         raise LLMPruneError(f"{what} {p} exists and is a file, not a folder")
-    base = nearest_existing(p)
+    base = nearest_existing(p if in_place else Path(os.path.realpath(p)).parent)
     if not base.is_dir():
         raise LLMPruneError(f"{what} {p} cannot be created: {base} is a file, not a folder")
     try:
@@ -163,7 +165,7 @@ def _lock_message(folder: Path, info: dict) -> str:
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output folder that can't be written (`check_writable`), one another llmprune run
     holds, and an existing non-empty one unless `overwrite`. Writes nothing (a probe file is created and deleted)."""
-    p = check_writable(path)
+    p = check_writable(path, in_place=False)
     if p.is_dir():
         info = _read_lock(p)
         if info is not None:
@@ -239,7 +241,8 @@ def reserve_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Outp
         raise
     except OSError as e:
         OutputReservation(p, "", created, overwrite).release()
-        raise LLMPruneError(f"cannot create output folder {p}: {e.strerror or type(e).__name__}") from None
+        raise LLMPruneError(f"output folder {p} is not writable ({e.strerror or type(e).__name__}); choose "
+                            "another location") from None
     r = OutputReservation(p, token, created, overwrite)
     if not overwrite and r.foreign_entries():  # another run finished here between our check and our lock
         r.release()
@@ -382,6 +385,8 @@ def _install(tmp: Path, r: OutputReservation) -> Path:
                        f"{', ...' if len(extra) > 3 else ''})")
         old = swap_in(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            log.warning("the previous contents of %s could not all be deleted; they are in %s", out, old)
         return out
     if os.path.lexists(out):
         raise keep(f"output folder {out} was replaced by someone else while this run worked (its llmprune lock "
