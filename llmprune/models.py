@@ -242,9 +242,14 @@ def model_bytes(model: nn.Module, dtype: torch.dtype | str | None = None) -> int
     return total
 
 
-def checkpoint_params(spec: str | None) -> int | None:
-    """The number of weights of a local model before loading it: a GGUF's tensor metadata (its dequantized
-    size), a folder's safetensors headers; None when it can't be known before loading (a Hub id, .bin files)."""
+GGUF_SCAN_MIN_BYTES = 2**30  # below this, reading a GGUF's metadata (seconds: its whole vocabulary) costs more
+#                              than loading it; its size is then checked right after loading
+
+
+def checkpoint_params(spec: str | None, gguf_min_bytes: int = GGUF_SCAN_MIN_BYTES) -> int | None:
+    """The number of weights of a local model before loading it: a GGUF's tensor metadata (its dequantized size;
+    only for files of `gguf_min_bytes` or more), a folder's safetensors headers; None when it isn't known before
+    loading (a Hub id, .bin files, a small GGUF)."""
     try:
         p = default_model_path() if spec is None else Path(spec).expanduser()
     except LLMPruneError:
@@ -255,6 +260,8 @@ def checkpoint_params(spec: str | None) -> int | None:
             if not (p / "config.json").exists() and len(ggufs) == 1:
                 p = ggufs[0]
         if p.is_file() and p.suffix == ".gguf":
+            if p.stat().st_size < gguf_min_bytes:
+                return None
             from gguf import GGUFReader
 
             return sum(int(t.n_elements) for t in GGUFReader(str(p)).tensors)
