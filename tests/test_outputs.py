@@ -304,7 +304,9 @@ def test_unwritable_output_folder_fails_before_the_model_loads(tiny_model_dir, u
     _no_model_load(monkeypatch)
     for argv in (["--model", str(tiny_model_dir), "--output-dir", str(d / "pruned"), *PRUNE],
                  ["eval", "--model", str(tiny_model_dir), "--output", str(d / "res"), "-q"],
-                 ["sweep", "--model", str(tiny_model_dir), "--output-dir", str(d / "sw"), "-q"]):
+                 ["sweep", "--model", str(tiny_model_dir), "--output-dir", str(d / "sw"), "-q"],
+                 ["push", str(tiny_model_dir), "me/tiny", "--dry-run", str(d / "dry"), "-q"],
+                 ["reproduce", str(REPO / "recipes" / "smollm2" / "table.yaml"), "--out-dir", str(d / "rep"), "-q"]):
         assert main(argv) == 2
         err = _one_line_error(capsys.readouterr().err)
         assert reason in err and str(d) in err, err
