@@ -6,14 +6,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import outputs
 from .errors import LLMPruneError
 
 log = logging.getLogger(__name__)
@@ -224,14 +223,76 @@ def in_features(layer: nn.Module) -> int:
 
 # ---------------------------------------------------------------- saving
 
+def bytes_per_param(dtype: torch.dtype | str | None) -> int:
+    """Bytes of one saved weight at `dtype`; "auto" (an accelerator's half precision) counts 2."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    return 2 if dtype == "auto" else 4
+
+
+def model_bytes(model: nn.Module, dtype: torch.dtype | str | None = None) -> int:
+    """Bytes the weights of `model` take in safetensors at `dtype` (default: each tensor's own); tied tensors once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.data_ptr(), t.numel()) if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * (t.element_size() if dtype is None else bytes_per_param(dtype))
+    return total
+
+
+GGUF_SCAN_MIN_BYTES = 2**30  # below this, reading a GGUF's metadata (seconds: its whole vocabulary) costs more
+#                              than loading it; its size is then checked right after loading
+
+
+def checkpoint_params(spec: str | None, gguf_min_bytes: int = GGUF_SCAN_MIN_BYTES) -> int | None:
+    """The number of weights of a local model before loading it: a GGUF's tensor metadata (its dequantized size;
+    only for files of `gguf_min_bytes` or more), a folder's safetensors headers; None when it isn't known before
+    loading (a Hub id, .bin files, a small GGUF)."""
+    try:
+        p = default_model_path() if spec is None else Path(spec).expanduser()
+    except LLMPruneError:
+        return None
+    try:
+        if p.is_dir():
+            ggufs = sorted(p.glob("*.gguf"))
+            if not (p / "config.json").exists() and len(ggufs) == 1:
+                p = ggufs[0]
+        if p.is_file() and p.suffix == ".gguf":
+            if p.stat().st_size < gguf_min_bytes:
+                return None
+            from gguf import GGUFReader
+
+            return sum(int(t.n_elements) for t in GGUFReader(str(p)).tensors)
+        files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        n = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    shape = st.get_slice(k).get_shape()
+                    n += int(torch.Size(shape).numel())
+        return n
+    except Exception as e:  # noqa: BLE001 - an estimate only: loading will report a broken file properly
+        log.debug("no size estimate for %s: %s", spec, e)
+        return None
+
+
+def checkpoint_bytes(spec: str | None, dtype: torch.dtype | str | None) -> int | None:
+    """The saved size at `dtype` of the model `spec` names, known before loading it (see checkpoint_params)."""
+    n = checkpoint_params(spec)
+    return None if n is None else n * bytes_per_param(dtype)
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty folder unless `overwrite`; refuse a file in the way. Writes nothing."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise LLMPruneError(f"output path {p} exists and is not a folder")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise LLMPruneError(f"output folder {p} exists and is not empty; pass --overwrite to replace it")
-    return p
+    """Refuse, before any work, an output folder that can't be written (a file in the way, a read-only
+    filesystem, no write permission), one another llmprune run holds, and an existing non-empty folder unless
+    `overwrite`. Writes nothing. See llmprune.outputs."""
+    return outputs.check_output_dir(path, overwrite)
 
 
 def current_umask() -> int:
@@ -264,15 +325,16 @@ def apply_default_permissions(folder: str | os.PathLike) -> None:
 
 
 def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLike, files: dict[str, dict] | None = None,
-                           overwrite: bool = False, extra=None) -> Path:
+                           overwrite: bool = False, extra=None, reservation=None) -> Path:
     """Write a safetensors model, its tokenizer, extra JSON `files` and whatever `extra(tmp_folder)` writes into a
-    temporary sibling folder, then rename it into place, so a failure never leaves a half-written `out_dir`, and an
-    existing one stays until the end (and is put back if the final rename fails). Every file and folder gets the
-    modes that the umask gives new files (see `apply_default_permissions`)."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    temporary sibling folder, then put it in place (llmprune.outputs.write_output_dir): a failure never leaves a
+    half-written `out_dir`; a folder another process put at `out_dir` meanwhile is never replaced (one line, the
+    finished model kept beside it); with `overwrite` the old folder is swapped out, never both or neither.
+    `reservation`: the lock taken at the start of the run (reserve_output_dir); without one it is taken now.
+    The free space is checked against the model's size first; a full disk is one LLMPruneError line. Every
+    file and folder gets the modes that the umask gives new files (see `apply_default_permissions`)."""
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -281,20 +343,8 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, out_dir: str | os.PathLi
         if extra is not None:
             extra(tmp)
         apply_default_permissions(tmp)  # model.safetensors comes out 0o600
-        backup = None
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, backup)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, out)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    out = outputs.write_output_dir(out_dir, write, overwrite=overwrite, reservation=reservation,
+                                   need=model_bytes(model), what="the model")
     log.info("saved %s", out)
     return out

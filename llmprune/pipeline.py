@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import check_output_dir, load_model, resolve_device, resolve_dtype, save_pretrained_atomic
+from .models import checkpoint_bytes, model_bytes
+from .outputs import check_free_space, check_writable, output_errors, reserve_output_dir, write_output_dir
 from .pruner import prune
 from .scorers import SCORERS
 from .versions import package_versions
@@ -40,9 +43,18 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
 
 
 def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
-                  eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
-                  dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
-                  block_cfg=None) -> dict:
+                  eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False, **job) -> dict:
+    """`_run_prune_job` with `output_dir` checked and locked before any work, for the whole run (so a second run
+    on the same folder refuses at once), and the lock removed at the end whatever happens (llmprune.outputs)."""
+    with reserve_output_dir(output_dir, overwrite) if output_dir else contextlib.nullcontext() as reservation:
+        return _run_prune_job(model_spec, prune_cfg, calib_cfg, eval_cfg, output_dir, overwrite,
+                              reservation=reservation, **job)
+
+
+def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
+                   eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
+                   dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
+                   block_cfg=None, reservation=None) -> dict:
     """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
     `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
@@ -51,17 +63,19 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         from .evaluation.harness import split_tasks
 
         split_tasks(tasks)
-    if output_dir:
-        check_output_dir(output_dir, overwrite)  # refuse before any work
     if prune_cfg is None and block_cfg is None:
         from .errors import LLMPruneError
 
         raise LLMPruneError("nothing to do: give a weight method, a block method, or both")
     device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
+    if output_dir:  # room for the saved model: before loading where the files tell its size, else right after
+        check_free_space(output_dir, checkpoint_bytes(model_spec, torch_dtype), "the pruned model")
     t = time.perf_counter()
     loaded = load_model(model_spec, torch_dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if output_dir:
+        check_free_space(output_dir, model_bytes(model), "the pruned model")
     timings = {"load_model": time.perf_counter() - t}
     log.info("loaded %s (%s, %d blocks) in %.1f s", loaded.source, type(model).__name__,
              model.config.get_text_config().num_hidden_layers, timings["load_model"])
@@ -160,7 +174,8 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
 
                 plot_block_scores(block_report, folder / "block_scores.png")
 
-        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra)
+        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra,
+                                      reservation=reservation)
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record
@@ -234,6 +249,11 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     from .bos import check_bos_policy
 
     check_bos_policy(bos)
+    if output_dir:  # a folder that can be written, before the model loads
+        if Path(output_dir).suffix in (".json", ".md") and not Path(output_dir).is_dir():
+            raise LLMPruneError(f"--output is a folder (results.json and results.md are written into it), "
+                                f"not a file name: {output_dir}")
+        check_writable(output_dir, "results folder")
     dev = resolve_device(device)
     loaded = load_model(model_spec, resolve_dtype(dtype, dev))
     model = loaded.model
@@ -264,15 +284,24 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     record["table"] = results_markdown([(Path(loaded.source).name or loaded.source, res)])
     if output_dir:
         out = Path(output_dir)
-        write_json(out / "results.json", record)
-        (out / "results.md").write_text(record["table"] + "\n")
+        with output_errors(out):
+            write_json(out / "results.json", record)
+            (out / "results.md").write_text(record["table"] + "\n")
         record["output_dir"] = str(out)
     return record
 
 
 def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
-              eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
-              dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False) -> dict:
+              output_dir: str = "sweep", overwrite: bool = False, **job) -> dict:
+    """`_run_sweep` with `output_dir` checked and locked before any work, for the whole run (llmprune.outputs)."""
+    with reserve_output_dir(output_dir, overwrite) as reservation:
+        return _run_sweep(model_spec, methods, sparsities, patterns, calib_cfg, tasks, output_dir=output_dir,
+                          overwrite=overwrite, reservation=reservation, **job)
+
+
+def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
+               eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
+               dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, reservation=None) -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
     table and plots. Calibration windows and evaluation texts are loaded once and shared by all points. The BOS
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
@@ -281,7 +310,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
     from .evaluation.harness import evaluate, split_tasks
     from .reporting import plot_layer_sparsity, plot_ppl_vs_sparsity, ppl_table, write_json
 
-    out = check_output_dir(output_dir, overwrite)
+    out = reservation.path if reservation is not None else check_output_dir(output_dir, overwrite)
     split_tasks(tasks)
     points = []
     for method in methods:
@@ -318,16 +347,23 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
                        "calibration": calib_cfg.to_dict()},
             "resolved": {"data_dir": _data_dir_label(calib_cfg.data_dir)},
             "records": records, "versions": package_versions()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", data)
     table = ppl_table(records) if any(r["ppl"] for r in records) else ""
-    (out / "sweep.md").write_text(table + "\n")
-    files = {"json": str(out / "sweep.json"), "table": str(out / "sweep.md")}
+    files = {"json": "sweep.json", "table": "sweep.md"}
     if any(r["ppl"] for r in records):
         ds = next(iter(records[0]["ppl"]))
-        files["plot_ppl"] = str(plot_ppl_vs_sparsity(records, out / f"ppl_vs_sparsity_{ds}.png", dataset=ds))
+        files["plot_ppl"] = f"ppl_vs_sparsity_{ds}.png"
     last = next((r for r in reversed(records) if r.get("layer_sparsity")), None)
     if last is not None:
-        files["plot_layers"] = str(plot_layer_sparsity(last["layer_sparsity"], out / "layer_sparsity.png"))
-    data["files"], data["table"] = files, table
+        files["plot_layers"] = "layer_sparsity.png"
+
+    def write(folder: Path) -> None:  # into a temporary sibling, put in place whole at the end
+        write_json(folder / files["json"], data)
+        (folder / files["table"]).write_text(table + "\n")
+        if "plot_ppl" in files:
+            plot_ppl_vs_sparsity(records, folder / files["plot_ppl"], dataset=ds)
+        if "plot_layers" in files:
+            plot_layer_sparsity(last["layer_sparsity"], folder / files["plot_layers"])
+
+    write_output_dir(out, write, overwrite=overwrite, reservation=reservation, what="the sweep results")
+    data["files"], data["table"] = {k: str(out / v) for k, v in files.items()}, table
     return data

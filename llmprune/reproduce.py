@@ -111,6 +111,9 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     from .reporting import write_json
     from .versions import package_versions
 
+    from .outputs import check_writable, output_errors
+
+    check_writable(out_dir, "output folder")  # before any cell runs
     recipes = load_table(table_path)
     title = table_title(table_path)
     runner = runner or run_recipe
@@ -162,13 +165,14 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     if orderings["claims"]:
         table += "\n## Orderings\n\n" + render_orderings(orderings)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(c["status"] == s for c in cells) for s in ("ok", "skipped", "failed")}
     data = {"table": str(table_path), "title": title, "counts": counts, "cells": cells, "orderings": orderings,
             "versions": package_versions()}
-    results_path = write_json(out / "results.json", data)
     comparison_path = out / "comparison.md"
-    comparison_path.write_text(table, encoding="utf-8")
+    with output_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        results_path = write_json(out / "results.json", data)
+        comparison_path.write_text(table, encoding="utf-8")
     log.info("%s: %d run, %d skipped, %d failed; %s", title, counts["ok"], counts["skipped"], counts["failed"],
              comparison_path)
     data.update(results=str(results_path), comparison=str(comparison_path), markdown=table)

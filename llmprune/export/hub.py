@@ -101,14 +101,18 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
             raise LLMPruneError(f"the dry-run folder {dst} must lie outside the model folder {src}")
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise LLMPruneError(f"dry-run folder {dst} is not empty: give a new or empty folder")
-        dst.mkdir(parents=True, exist_ok=True)
-        for rel in upload_files(src):
-            if card and rel == "README.md":
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, dst / rel)
-        if card:
-            write_card(dst, read_record(src), repo_id)
+        from ..outputs import write_output_dir
+
+        todo = [rel for rel in upload_files(src) if not (card and rel == "README.md")]
+
+        def write(folder: Path) -> None:  # a temporary sibling, put in place whole (llmprune.outputs)
+            for rel in todo:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / rel, folder / rel)
+            if card:
+                write_card(folder, read_record(src), repo_id)
+
+        write_output_dir(dst, write, need=sum((src / rel).stat().st_size for rel in todo), what="the dry run")
         files = upload_files(dst)
         log.info("dry run: %d files for %s written to %s; nothing uploaded", len(files), repo_id, dst)
         return {"repo_id": repo_id, "revision": revision, "private": private, "files": files, "dry_run": str(dst),
