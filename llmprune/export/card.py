@@ -337,7 +337,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     base = _base_model(record, base_model)
     model_label = base or ("the embedded SmolLM2-135M-Instruct GGUF" if default else Path(str(source)).name)
     name = repo_id or "-".join(x for x in [
-        Path(base).name if base else Path(str(source or "model")).stem,
+        Path(base).name if base else Path(str(source or "model").rpartition(":")[2] if default else str(source)).stem,
         prune["method"] if prune else (blocks or {}).get("method"),
         _pattern_name(prune).replace(":", "of") if prune else None] if x)
 

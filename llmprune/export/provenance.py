@@ -323,6 +323,18 @@ def _write_if_changed(path: Path, old: str, new: str) -> bool:
     return True
 
 
+def _scrub_config(obj: Any, scrubber: PathScrubber, key: str = "") -> Any:
+    """A transformers config: values under known roots; a `*name_or_path` value (where transformers once wrote
+    the folder it loaded from) also when it is any other absolute path. Keys are left alone."""
+    if isinstance(obj, Mapping):
+        return {k: _scrub_config(v, scrubber, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub_config(v, scrubber, key) for v in obj]
+    if isinstance(obj, str):
+        return scrubber.scrub_text(obj, generic=key.endswith("name_or_path"))
+    return obj
+
+
 def scrub_file(path: str | os.PathLike, scrubber: PathScrubber) -> bool:
     """Scrub one file in place (see the module docstring for which files and how); True if it changed."""
     path = Path(path)
@@ -341,7 +353,7 @@ def scrub_file(path: str | os.PathLike, scrubber: PathScrubber) -> bool:
         except ValueError:
             data = None
         if data is not None:
-            new = scrubber.scrub(data, generic=ours, keys=ours)
+            new = scrubber.scrub(data) if ours else _scrub_config(data, scrubber)
             if new == data:
                 return False
             return _write_if_changed(path, text, json.dumps(new, indent=2, default=str) + "\n")
