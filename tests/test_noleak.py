@@ -19,8 +19,8 @@ from llmprune.cli import main
 from llmprune.errors import LLMPruneError
 from llmprune.export import make_model_card, push_folder
 from llmprune.export.card import CARD_MARKER
-from llmprune.export.provenance import (DATA_DIR_LABEL, PathScrubber, model_license, portable_model,
-                                        scrub_folder)
+from llmprune.export.provenance import (DATA_DIR_LABEL, PathScrubber, gguf_metadata_value, model_license,
+                                        portable_model, scrub_folder)
 
 from conftest import calib_tokens
 
@@ -250,12 +250,21 @@ def test_license_from_the_base_model_or_a_placeholder(tmp_path, caplog):
 
     gguf = tmp_path / "m.gguf"
     w = GGUFWriter(str(gguf), "llama")
+    w.add_array("test.words", ["a", "bc"])  # arrays before the key are skipped
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_uint32("test.n", 7)
     w.add_license("apache-2.0")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     assert model_license(str(gguf))["license"] == "apache-2.0"
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields  # the library's reader is the oracle for the header scan
+    for key in ("general.license", "test.n", "general.architecture"):
+        assert gguf_metadata_value(gguf, key) == fields[key].contents()
+    assert gguf_metadata_value(gguf, "general.absent") is None
     (tmp_path / "bare").mkdir()
     assert model_license(str(tmp_path / "bare")) is None and model_license("org/not-in-the-cache") is None
 

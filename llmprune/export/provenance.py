@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import struct
 import uuid
 from collections.abc import Mapping
 from pathlib import Path, PureWindowsPath
@@ -78,6 +79,7 @@ class PathScrubber:
 
     def __init__(self, roots: Mapping[str | os.PathLike, str] | None = None, *, cwd: bool = True):
         self._labels: dict[str, str] = {}
+        self._root_re = None
         self.referenced: dict[str, set[str]] = {}
         for path, label in (roots or {}).items():
             self.add(path, label)
@@ -99,7 +101,7 @@ class PathScrubber:
         return dict(self._labels)
 
     def _pattern(self):
-        if getattr(self, "_root_re", None) is None:
+        if self._root_re is None:
             alts = "|".join(re.escape(r) for r in sorted(self._labels, key=len, reverse=True))
             self._root_re = re.compile(rf"(?<![\w.\-~/\\])(?P<root>{alts})(?P<rest>[/\\][^{_STOP}]*)?(?![^{_STOP}/\\])"
                                        ) if alts else None
@@ -239,7 +241,7 @@ def model_license(source: str | os.PathLike | None, base_model: str | None = Non
     """The base model's license where it is known locally: {license, license_name?, license_link?, from}.
 
     Looked up in a local folder's README.md front matter (`license:`), a GGUF file's `general.license`
-    metadata, or the README.md of a Hub model (`base_model` first) in the local Hugging Face cache. None when
+    metadata (`gguf_metadata_value`), or the README.md of a Hub model (`base_model` first) in the local Hugging Face cache. None when
     no source says."""
     from ..models import default_model_path
 
@@ -297,13 +299,55 @@ def _gguf_license(path: Path) -> dict | None:
     if not path.is_file() or path.suffix != ".gguf":
         return None
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.license")
-        lic = field.contents() if field is not None else None
-    except Exception:  # noqa: BLE001 - no gguf package or an unreadable header: unknown
+        lic = gguf_metadata_value(path, "general.license")
+    except (OSError, ValueError, struct.error):  # not a GGUF we can read: unknown
         return None
     return {"license": lic, "from": "GGUF general.license"} if isinstance(lic, str) and lic else None
+
+
+# GGUF metadata value types (the GGUF spec): fixed-size scalars by struct format; 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata_value(path: str | os.PathLike, key: str):
+    """One metadata value of a GGUF file (v2/v3, little-endian), read from its header up to that key.
+
+    gguf's `GGUFReader` parses every field, the tokenizer's arrays included (seconds for a 49k vocabulary); the
+    `general.*` keys come first, so this stops after a few hundred bytes. None when the key is absent."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            fmt = "<" + fmt
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = read("I"), read("Q")
+                if item in _GGUF_SCALARS:  # skipped, not decoded
+                    f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[item]), os.SEEK_CUR)
+                    return None
+                for _ in range(n):
+                    value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        if read("I") not in (2, 3):
+            raise ValueError("unsupported GGUF version")
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            name, kind = string(), read("I")
+            v = value(kind)
+            if name == key:
+                return v
+    return None
 
 
 # ---------------------------------------------------------------- files
@@ -424,4 +468,4 @@ def portable_record(record: Mapping, model_source: str | os.PathLike | None, *, 
 
 __all__ = ["OWN_FILES", "PathScrubber", "portable_record", "portable_model", "portable_calibration", "model_license",
            "model_roots", "scrub_folder", "scrub_file", "file_sha256", "default_model_label", "is_default_model_path",
-           "DATA_DIR_LABEL"]
+           "gguf_metadata_value", "DATA_DIR_LABEL"]
