@@ -82,6 +82,10 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the saved folder (with a model card) to the Hub")
     g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     g.add_argument("--revision", default=None, help="with --push-to-hub: the branch to push to")
+    g.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="the Hub id of a local model, recorded and named as the card's base_model")
+    g.add_argument("--license", default=None, metavar="ID",
+                   help="the base model's license for the card (default: read from the model where known)")
     g.add_argument("--json", action="store_true", help="print the full record as JSON")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     return p
@@ -154,11 +158,12 @@ def cmd_prune(argv: list[str]) -> int:
                                 "`python -m llmprune push DIR REPO_ID`)")
     record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
                            dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
-                           block_cfg=block_cfg)
+                           block_cfg=block_cfg, base_model=a.base_model, license=a.license)
     if a.push_to_hub:
         from .export import push_folder
 
-        res = push_folder(record["output_dir"], a.push_to_hub, private=a.private, revision=a.revision)
+        res = push_folder(record["output_dir"], a.push_to_hub, private=a.private, revision=a.revision,
+                          base_model=a.base_model, license=a.license)
         record["pushed"] = res.get("url")
     if a.json:
         print(json.dumps(record, indent=2, default=str))
@@ -314,10 +319,15 @@ def cmd_push(argv: list[str]) -> int:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", default=None)
     p.add_argument("--dry-run", default=None, metavar="DIR", help="write exactly what would be uploaded into DIR; upload nothing")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID", help="the card's base_model: the Hub id of the model pruned")
+    p.add_argument("--license", default=None, metavar="ID", help="the card's license (default: as recorded, else `other`)")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     _configure_logging(a.quiet)
-    res = push_folder(a.folder, a.repo_id, private=a.private, revision=a.revision, dry_run_dir=a.dry_run)
+    res = push_folder(a.folder, a.repo_id, private=a.private, revision=a.revision, dry_run_dir=a.dry_run,
+                      base_model=a.base_model, license=a.license)
+    if res.get("card") is None:
+        print(f"note: {a.folder} has no llmprune.json and no README.md: it goes up without a model card")
     if a.dry_run:
         print(f"dry run: {len(res['files'])} files that would be uploaded to {a.repo_id} are in {res['dry_run']}")
         if not res.get("token_found"):

@@ -54,11 +54,15 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
 def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
                    eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
                    dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
-                   block_cfg=None, reservation=None) -> dict:
+                   block_cfg=None, base_model: str | None = None, license: str | None = None,
+                   reservation=None) -> dict:
     """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
     `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
-    tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record."""
+    tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record.
+
+    The record holds no absolute local path (`export.provenance`: the model by name or Hub id, `base_model` the
+    Hub id of a local model, data files by relative path and sha256), nor does any file saved with it."""
     if tasks:
         from .evaluation.harness import split_tasks
 
@@ -156,25 +160,35 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         "perplexity": {"dense": before, "pruned": after},
         "evaluation": evaluation,
     }
+    from .export.provenance import portable_record, scrub_folder
+
+    record, scrubber = portable_record(record, loaded.source, output_dir=output_dir, base_model=base_model,
+                                       license=license, data_dirs=[calib_cfg.data_dir, eval_cfg and eval_cfg.data_dir])
     if output_dir:
         t = time.perf_counter()
         files = {"llmprune.json": record}
         if evaluation is not None:
-            files["results.json"] = {"model": loaded.source, "pruning": record["config"], "resolved": record["resolved"],
-                                     "results": evaluation, "versions": record["versions"]}
+            files["results.json"] = {"model": record["model"], "pruning": record["config"],
+                                     "resolved": record["resolved"], "results": record["evaluation"],
+                                     "versions": record["versions"]}
 
         def extra(folder: Path) -> None:
             from .export import write_card
 
             write_card(folder, record)  # README.md: the model card
             if evaluation is not None:
-                (folder / "results.md").write_text(evaluation["table"] + "\n")
+                (folder / "results.md").write_text(record["evaluation"]["table"] + "\n")
             if block_report is not None:
                 from .blocks import plot_block_scores
 
                 plot_block_scores(block_report, folder / "block_scores.png")
 
-        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra,
+        def extra_then_scrub(folder: Path) -> None:  # every file of the folder, whoever wrote it
+            extra(folder)
+            scrubber.add(folder, Path(output_dir).expanduser().absolute().name)
+            scrub_folder(folder, scrubber)
+
+        path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra_then_scrub,
                                       reservation=reservation)
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
@@ -282,6 +296,9 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
               "wall_seconds": time.perf_counter() - t, "versions": package_versions()}
     record["compression"].pop("layers", None)
     record["table"] = results_markdown([(Path(loaded.source).name or loaded.source, res)])
+    from .export.provenance import portable_record
+
+    record, _ = portable_record(record, loaded.source, data_dirs=[data_dir], output_dir=output_dir, with_license=False)
     if output_dir:
         out = Path(output_dir)
         with output_errors(out):
@@ -347,6 +364,10 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
                        "calibration": calib_cfg.to_dict()},
             "resolved": {"data_dir": _data_dir_label(calib_cfg.data_dir)},
             "records": records, "versions": package_versions()}
+    from .export.provenance import portable_record
+
+    data, _ = portable_record(data, loaded.source, data_dirs=[calib_cfg.data_dir], output_dir=output_dir,
+                              with_license=False)
     table = ppl_table(records) if any(r["ppl"] for r in records) else ""
     files = {"json": "sweep.json", "table": "sweep.md"}
     if any(r["ppl"] for r in records):

@@ -168,6 +168,15 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     counts = {s: sum(c["status"] == s for c in cells) for s in ("ok", "skipped", "failed")}
     data = {"table": str(table_path), "title": title, "counts": counts, "cells": cells, "orderings": orderings,
             "versions": package_versions()}
+    from .export.provenance import DATA_DIR_LABEL, PathScrubber, model_roots
+
+    scrubber = PathScrubber({out: out.absolute().name})  # no absolute local path in what is written
+    for r, _, _ in plan:
+        for d in {r.calibration.data_dir, r.eval.data_dir if r.eval else None, data_dir} - {None}:
+            scrubber.add(d, DATA_DIR_LABEL)
+        for root, label in model_roots(r.model).items():
+            scrubber.add(root, label)
+    data, table = scrubber.scrub(data), scrubber.scrub_text(table)
     comparison_path = out / "comparison.md"
     with output_errors(out):
         out.mkdir(parents=True, exist_ok=True)

