@@ -11,7 +11,8 @@ import torch
 from .calibration import load_calibration
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .evaluation.perplexity import load_eval_tokens, perplexity
-from .models import check_output_dir, load_model, resolve_device, resolve_dtype, save_pretrained_atomic
+from .models import (SAVE_DTYPES, cast_for_save_, check_output_dir, dtype_label, load_model, resolve_device,
+                     resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
 from .pruner import prune
 from .scorers import SCORERS
 from .versions import package_versions
@@ -38,17 +39,22 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
 def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
                   eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
                   dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
-                  block_cfg=None) -> dict:
+                  block_cfg=None, save_dtype: str = "auto", cache_dir: str | None = None,
+                  use_cache: bool = True) -> dict:
     """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
     `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
-    tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record."""
+    tasks) are evaluated on the pruned model too, into results.json/results.md. The model is saved in
+    `save_dtype` (`auto`: the checkpoint's own precision, see `resolve_save_dtype`); a GGUF's conversion is cached
+    in `cache_dir` unless not `use_cache` (see `load_model`). Returns that record."""
     if tasks:
         from .evaluation.harness import split_tasks
 
         split_tasks(tasks)
     if output_dir:
         check_output_dir(output_dir, overwrite)  # refuse before any work
+    if save_dtype not in SAVE_DTYPES:
+        resolve_save_dtype(save_dtype, None, torch.float32)  # the one-line error, before any work
     if prune_cfg is None and block_cfg is None:
         from .errors import LLMPruneError
 
@@ -56,7 +62,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
     device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
     t = time.perf_counter()
-    loaded = load_model(model_spec, torch_dtype)
+    loaded = load_model(model_spec, torch_dtype, cache_dir=cache_dir, use_cache=use_cache)
     model, tokenizer = loaded.model, loaded.tokenizer
     timings = {"load_model": time.perf_counter() - t}
     log.info("loaded %s (%s, %d blocks) in %.1f s", loaded.source, type(model).__name__,
@@ -115,11 +121,14 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         "architecture": type(model).__name__,
         "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
                    "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
-                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                   "save_dtype": dtype_label(resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype))},
         "calibration": calibration.to_dict() if calibration is not None else None,
         "seed": calib_cfg.seed,
         "versions": package_versions(),
         "device": str(device),
+        "gguf": ({"file": loaded.gguf_file, "sha256": loaded.gguf_sha256, "from_cache": loaded.from_cache}
+                 if loaded.gguf_file else None),
         "blocks": block_report,
         "sparsity": report.sparsity if report else 0.0,
         "layer_sparsity": report.layer_sparsity if report else {},
@@ -147,6 +156,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
 
                 plot_block_scores(block_report, folder / "block_scores.png")
 
+        cast_for_save_(model, resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype))  # last use
         path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra)
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)
@@ -181,7 +191,8 @@ def _place_for_eval(model, device: torch.device) -> None:
 
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
-                 output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False) -> dict:
+                 output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
+                 cache_dir: str | None = None, use_cache: bool = True) -> dict:
     """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
 
     `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
@@ -196,7 +207,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
                             "checked under torch.compile); use one of them")
     split_tasks(tasks)  # unknown names fail before the model loads
     dev = resolve_device(device)
-    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     model = loaded.model
     prune_record = None
     if model_spec and (Path(model_spec) / "llmprune.json").is_file():
@@ -233,7 +244,8 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
 
 def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
               eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
-              dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False) -> dict:
+              dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, cache_dir: str | None = None,
+              use_cache: bool = True) -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
     table and plots. Calibration windows and evaluation texts are loaded once and shared by all points."""
     import copy
@@ -251,7 +263,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
                 PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
                 points.append((method, pattern, s))
     dev = resolve_device(device)
-    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     dense_model, tok = loaded.model, loaded.tokenizer
     calibration = None
     if any(SCORERS.get(m).needs != "none" for m in methods):

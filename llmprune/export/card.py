@@ -124,6 +124,8 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model") 
         args += ["--model", str(source)]
     if (record.get("config") or {}).get("dtype"):
         args += ["--dtype", str(record["config"]["dtype"])]
+    if (record.get("config") or {}).get("save_dtype"):
+        args += ["--save-dtype", str(record["config"]["save_dtype"])]
     if prune:
         args += ["--method", prune["method"], "--sparsity", f"{_target_sparsity(prune):g}",
                  "--pattern", _pattern_name(prune)]
@@ -250,14 +252,48 @@ def _num(v, fmt="{:.3f}") -> str:
     return fmt.format(v) if _finite(v) else ("inf" if isinstance(v, float) and math.isinf(v) else "-")
 
 
-def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None) -> ModelCard:
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _storage_note(record: Mapping, weights: Mapping | None) -> str:
+    """The limitation about size on disk: what the saved weights take (when `weights`, a `safetensors_summary` of
+    the folder, is known) and in which dtype; sparsity saves no space, removed blocks do."""
+    prune, blocks, _, _ = _config(record)
+    cfg = record.get("config") or {}
+    dtypes = [d for d, _ in sorted((weights or {}).get("dtypes", {}).items(), key=lambda kv: -kv[1])]
+    dtypes = dtypes or [cfg.get("save_dtype") or cfg.get("dtype") or "?"]
+    dtype = dtypes[0]
+    if weights and weights.get("bytes"):
+        text = f"- The weights take {_size(weights['bytes'])} on disk (`" + "`, `".join(dtypes) + "` safetensors)."
+    else:
+        text = f"- The weights are saved as `{dtype}`."
+    if str(record.get("model", "")).endswith(".gguf"):
+        text += " The GGUF's quantized blocks were dequantized: plain floats take more space than those blocks."
+    if prune:
+        text += (f" The pruned weights are exact zeros stored in ordinary dense tensors, so the sparsity saves no "
+                 f"space: this is the size of a dense model of the same shape in `{dtype}`, and inference is no "
+                 "faster unless a sparse runtime (e.g. 2:4 kernels) uses the zeros.")
+    b = record.get("blocks") or {}
+    if blocks and b.get("params_before") and b.get("params_after"):
+        text += (f" Removing {len(b.get('removed') or [])} of {b.get('num_blocks_before', '?')} blocks is what made "
+                 f"it smaller: {b['params_after']:,} parameters instead of {b['params_before']:,}.")
+    return text
+
+
+def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None,
+                    weights: Mapping | None = None) -> ModelCard:
     """A Hugging Face model card for the pruned model that `record` (its llmprune.json) describes.
 
     Metadata: `base_model` (the record's model when it is a Hub id, or `base_model` given here), the relation
     (`BASE_MODEL_RELATION`, see there), tags (pruned, sparse, llmprune, the method, the pattern), `library_name:
     transformers`, the calibration dataset, and every evaluation result as a model-index (`eval_results`).
     Body: what was pruned and how, the calibration data (source, token sha256), the results as Markdown tables,
-    the exact command that rebuilds the model, package versions and limitations."""
+    the exact command that rebuilds the model, package versions and limitations, among them the size on disk of
+    the weights when `weights` (`models.safetensors_summary` of the saved folder) is given."""
     if not isinstance(record, Mapping) or "config" not in record:
         raise LLMPruneError("make_model_card needs a pruning record (llmprune.json) with its config")
     prune, blocks, calib, ev = _config(record)
@@ -314,7 +350,8 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         lines.append(f"- Base model: the {kind} `{Path(str(source)).name}`; it is a local path, not a Hub id, so the "
                      "metadata names no `base_model`.")
     if record.get("architecture"):
-        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{(record.get('config') or {}).get('dtype', '?')}`.")
+        cfg = record.get("config") or {}
+        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{cfg.get('save_dtype') or cfg.get('dtype', '?')}`.")
     lines.append("")
 
     lines += ["## Pruning", ""]
@@ -386,8 +423,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     if versions:
         lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
     lines += ["## Limitations", "",
-              "- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's and "
-              "inference is no faster unless a sparse runtime (e.g. 2:4 kernels) uses them.",
+              _storage_note(record, weights),
               "- Pruning without retraining costs quality; check the evaluation above on your task before use.",
               "- The base model's license and use conditions apply to this model.", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -411,7 +447,11 @@ def write_card(folder: str | os.PathLike, record: Mapping | None = None, repo_id
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise LLMPruneError(f"model folder not found: {folder}")
-    card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model)
+    from ..models import safetensors_summary
+
+    weights = safetensors_summary(folder) if any(folder.glob("*.safetensors")) else None
+    card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,
+                           weights=weights)
     path = folder / "README.md"
     tmp = folder / ".README.md.tmp"
     tmp.write_text(str(card), encoding="utf-8")
