@@ -34,7 +34,7 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:
-    return None if name is None else {v: k for k, v in _NAMES.items()}[name]
+    return {v: k for k, v in _NAMES.items()}.get(name) if name else None
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -153,7 +153,8 @@ def write_entry(entry: Path, model: torch.nn.Module, tokenizer, manifest: dict, 
         tokenizer.save_pretrained(tmp)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {**manifest, "format": CACHE_FORMAT, "files": files, "stored_dtypes": counts,
-                    "bytes": sum((tmp / f).stat().st_size for f in files), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "bytes": sum((tmp / f).stat().st_size for f in files),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: the entry is complete
         if entry.exists():
             if not replace and read_entry(entry, manifest["sha256"]) is not None:

@@ -150,18 +150,18 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
     equals a fresh conversion at that dtype, tensor for tensor."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import gguf_cache as gc
+    from . import gguf_cache
 
     where, name = str(path.parent), path.name
     t0 = time.perf_counter()
     sha = entry = None
     replace = False
     if use_cache:
-        sha = gc.file_sha256(path)
-        entry = gc.entry_dir(gc.cache_root(cache_dir), sha)
-        manifest = gc.read_entry(entry, sha)
+        sha = gguf_cache.file_sha256(path)
+        entry = gguf_cache.entry_dir(gguf_cache.cache_root(cache_dir), sha)
+        manifest = gguf_cache.read_entry(entry, sha)
         if manifest is not None:
-            stored = gc.dtype_from_name(manifest.get("gguf_dtype"))
+            stored = gguf_cache.dtype_from_name(manifest.get("gguf_dtype"))
             try:
                 model, tokenizer = _load_converted(entry, where, _gguf_working_dtype(dtype, stored))
             except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, not fatal
@@ -176,7 +176,8 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
                 return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
                                    checkpoint_dtype=stored or torch.bfloat16, from_cache=True,
                                    cache_entry=str(entry), gguf_sha256=sha)
-    stored = gc.gguf_dtype(path)
+    t0 = time.perf_counter()  # the conversion's own time, recorded in the entry
+    stored = gguf_cache.gguf_dtype(path)
     want = _gguf_working_dtype(dtype, stored)
     convert_at = torch.float32 if use_cache else want  # the cache keeps every dequantized value exactly
     t = time.perf_counter()
@@ -192,13 +193,16 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
     cached = False
     if use_cache:
         manifest = {"sha256": sha, "gguf_file": name, "gguf_bytes": path.stat().st_size,
-                    "gguf_dtype": gc.dtype_name(stored), "convert_seconds": round(time.perf_counter() - t0, 2)}
-        cached = gc.write_entry(entry, model, tokenizer, manifest, half=stored or torch.bfloat16, replace=replace)
+                    "gguf_dtype": gguf_cache.dtype_name(stored), "convert_seconds": round(time.perf_counter() - t0, 2)}
+        cached = gguf_cache.write_entry(entry, model, tokenizer, manifest, half=stored or torch.bfloat16,
+                                        replace=replace)
         if want != convert_at:
             if cached:  # the same reload as a cache hit: equal to a fresh conversion at `want`
+                del model  # before the reload: not both copies in memory at once
                 model, tokenizer = _load_converted(entry, where, want)
             else:
-                log.info("converting the GGUF again at %s (no cache entry to reload it from)", gc.dtype_name(want))
+                log.info("converting the GGUF again at %s (no cache entry to reload it from)",
+                         gguf_cache.dtype_name(want))
                 model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=want).eval()
                 _drop_gguf_quantization_mark(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,

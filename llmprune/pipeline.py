@@ -116,13 +116,14 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
+    save_to = resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)
     record = {
         "model": loaded.source,
         "architecture": type(model).__name__,
         "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
                    "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
                    "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                   "save_dtype": dtype_label(resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype))},
+                   "save_dtype": dtype_label(save_to)},
         "calibration": calibration.to_dict() if calibration is not None else None,
         "seed": calib_cfg.seed,
         "versions": package_versions(),
@@ -156,7 +157,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
 
                 plot_block_scores(block_report, folder / "block_scores.png")
 
-        cast_for_save_(model, resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype))  # last use
+        cast_for_save_(model, save_to)  # the model's last use: cast in place
         path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra)
         record["output_dir"] = str(Path(path))
         log.info("saved in %.1f s", time.perf_counter() - t)

@@ -261,7 +261,8 @@ def test_prune_gguf_saves_bfloat16_by_default_with_exact_zeros_and_a_true_card(g
     assert set(dtypes.values()) == {"BF16"}
     rec = json.loads((out / "llmprune.json").read_text())
     assert rec["config"]["dtype"] == "float32" and rec["config"]["save_dtype"] == "bfloat16"
-    assert rec["gguf"]["file"] == gguf_file.name and rec["gguf"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    assert rec["gguf"]["file"] == gguf_file.name
+    assert rec["gguf"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     zeros = total = 0

@@ -351,7 +351,8 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
                      "metadata names no `base_model`.")
     if record.get("architecture"):
         cfg = record.get("config") or {}
-        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{cfg.get('save_dtype') or cfg.get('dtype', '?')}`.")
+        saved = cfg.get("save_dtype") or cfg.get("dtype", "?")
+        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{saved}`.")
     lines.append("")
 
     lines += ["## Pruning", ""]
