@@ -72,7 +72,7 @@ class LoadedModel:
     checkpoint_dtype: torch.dtype | None = None  # the checkpoint's own precision: what `--save-dtype auto` saves in
     from_cache: bool = False  # a GGUF read from the conversion cache instead of being converted again
     cache_entry: str | None = None  # that cache entry (read, or written by this load)
-    gguf_sha256: str | None = None
+    gguf: dict | None = None  # a GGUF input: its file, bytes, storage dtype ("quantized" for blocks), sha256
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32, *,
@@ -175,7 +175,7 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
                          manifest.get("convert_seconds", 0.0) - took)
                 return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
                                    checkpoint_dtype=stored or torch.bfloat16, from_cache=True,
-                                   cache_entry=str(entry), gguf_sha256=sha)
+                                   cache_entry=str(entry), gguf=_gguf_info(path, stored, sha))
     t0 = time.perf_counter()  # the conversion's own time, recorded in the entry
     stored = gguf_cache.gguf_dtype(path)
     want = _gguf_working_dtype(dtype, stored)
@@ -207,7 +207,12 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
                 _drop_gguf_quantization_mark(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
                        checkpoint_dtype=stored or torch.bfloat16, cache_entry=str(entry) if cached else None,
-                       gguf_sha256=sha)
+                       gguf=_gguf_info(path, stored, sha))
+
+
+def _gguf_info(path: Path, stored: torch.dtype | None, sha: str | None) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size,
+            "dtype": dtype_label(stored) if stored is not None else "quantized", "sha256": sha}
 
 
 def _load_converted(entry: Path, where: str, dtype: torch.dtype):

@@ -128,8 +128,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
         "seed": calib_cfg.seed,
         "versions": package_versions(),
         "device": str(device),
-        "gguf": ({"file": loaded.gguf_file, "sha256": loaded.gguf_sha256, "from_cache": loaded.from_cache}
-                 if loaded.gguf_file else None),
+        "gguf": {**loaded.gguf, "from_cache": loaded.from_cache} if loaded.gguf else None,
         "blocks": block_report,
         "sparsity": report.sparsity if report else 0.0,
         "layer_sparsity": report.layer_sparsity if report else {},

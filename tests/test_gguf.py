@@ -86,7 +86,7 @@ def test_miss_then_hit_converts_once_and_gives_the_same_model_and_tokenizer(gguf
 
     second = load_model(str(gguf_file), torch.float32, cache_dir=cache)
     assert conversions == {"model": 1, "tokenizer": 1}, "a cache hit must not convert the GGUF again"
-    assert second.from_cache and second.cache_entry == str(entry) and second.gguf_sha256 == sha
+    assert second.from_cache and second.cache_entry == str(entry) and second.gguf["sha256"] == sha
     assert (second.source, second.gguf_file) == (str(gguf_file), "tiny.Q8_0.gguf")  # records still name the GGUF
     _same_tensors(first.model, second.model)
     for text in TEXTS:
@@ -261,7 +261,8 @@ def test_prune_gguf_saves_bfloat16_by_default_with_exact_zeros_and_a_true_card(g
     assert set(dtypes.values()) == {"BF16"}
     rec = json.loads((out / "llmprune.json").read_text())
     assert rec["config"]["dtype"] == "float32" and rec["config"]["save_dtype"] == "bfloat16"
-    assert rec["gguf"]["file"] == gguf_file.name
+    assert rec["gguf"]["file"] == gguf_file.name and rec["gguf"]["dtype"] == "quantized"
+    assert rec["gguf"]["bytes"] == gguf_file.stat().st_size
     assert rec["gguf"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
@@ -277,6 +278,7 @@ def test_prune_gguf_saves_bfloat16_by_default_with_exact_zeros_and_a_true_card(g
     assert f"The weights take {size / 1e6:.1f} MB on disk (`bfloat16` safetensors)" in card \
         or f"The weights take {size / 1e3:.1f} kB on disk (`bfloat16` safetensors)" in card
     assert "saves no space" in card and "as large as the dense model" not in card
+    assert f"more than the GGUF file it came from ({gguf_file.stat().st_size / 1e3:.1f} kB)" in card
     assert "--save-dtype bfloat16" in card  # the reproduce command
 
     out2 = tmp_path / "out32"

@@ -271,8 +271,10 @@ def _storage_note(record: Mapping, weights: Mapping | None) -> str:
         text = f"- The weights take {_size(weights['bytes'])} on disk (`" + "`, `".join(dtypes) + "` safetensors)."
     else:
         text = f"- The weights are saved as `{dtype}`."
-    if str(record.get("model", "")).endswith(".gguf"):
-        text += " The GGUF's quantized blocks were dequantized: plain floats take more space than those blocks."
+    gguf = record.get("gguf") or {}
+    if gguf.get("dtype") == "quantized" and weights and gguf.get("bytes") and weights.get("bytes", 0) > gguf["bytes"]:
+        text += (f" That is more than the GGUF file it came from ({_size(gguf['bytes'])}): its quantized blocks "
+                 "were dequantized to plain floats.")
     if prune:
         text += (f" The pruned weights are exact zeros stored in ordinary dense tensors, so the sparsity saves no "
                  f"space: this is the size of a dense model of the same shape in `{dtype}`, and inference is no "
