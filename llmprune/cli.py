@@ -39,6 +39,7 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="Hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
     g.add_argument("--device", default="auto", help="where blocks are processed: auto, cpu, cuda, cuda:N")
+    _add_cache_options(g)
     g = p.add_argument_group("pruning")
     from .blocks import BLOCK_SCORERS
 
@@ -79,6 +80,9 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None, help="save the pruned model here (safetensors + tokenizer + llmprune.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    g.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="dtype of the saved weights (default auto: the checkpoint's own, e.g. a GGUF's F16/BF16, "
+                        "bfloat16 for a quantized GGUF, a model folder's config dtype)")
     g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the saved folder (with a model card) to the Hub")
     g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     g.add_argument("--revision", default=None, help="with --push-to-hub: the branch to push to")
@@ -158,7 +162,8 @@ def cmd_prune(argv: list[str]) -> int:
                                 "`python -m llmprune push DIR REPO_ID`)")
     record = run_prune_job(a.model, prune_cfg, calib_cfg, eval_cfg, output_dir=a.output_dir, overwrite=a.overwrite,
                            dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
-                           block_cfg=block_cfg, base_model=a.base_model, license=a.license)
+                           block_cfg=block_cfg, base_model=a.base_model, license=a.license,
+                           save_dtype=a.save_dtype, cache_dir=a.cache_dir, use_cache=not a.no_cache)
     if a.push_to_hub:
         from .export import push_folder
 
@@ -220,7 +225,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
     p.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
+    _add_cache_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _add_cache_options(p) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="where converted GGUF files are cached (default: $LLMPRUNE_CACHE, else $HF_HOME/llmprune)")
+    p.add_argument("--no-cache", action="store_true", help="convert a GGUF again; read and write no cache")
 
 
 def _positive_int_or_auto(v: str):
@@ -255,7 +267,8 @@ def cmd_eval(argv: list[str]) -> int:
     _configure_logging(a.quiet)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
                        dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output,
-                       compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos)
+                       compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos, cache_dir=a.cache_dir,
+                       use_cache=not a.no_cache)
     c = rec["compression"]
     print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
           f"{c['nonzero_params']:,} non-zero)")
@@ -303,7 +316,8 @@ def cmd_sweep(argv: list[str]) -> int:
                               data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or a.seqlen,
                      max_windows=a.max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
-                     output_dir=a.output_dir, overwrite=a.overwrite)
+                     output_dir=a.output_dir, overwrite=a.overwrite, cache_dir=a.cache_dir,
+                     use_cache=not a.no_cache)
     print(data["table"])
     for kind, path in data["files"].items():
         print(f"{kind}: {path}")

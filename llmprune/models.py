@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +68,21 @@ class LoadedModel:
     tokenizer: object
     source: str  # what the user named (or the default GGUF path)
     gguf_file: str | None = None
+    checkpoint_dtype: torch.dtype | None = None  # the checkpoint's own precision: what `--save-dtype auto` saves in
+    from_cache: bool = False  # a GGUF read from the conversion cache instead of being converted again
+    cache_entry: str | None = None  # that cache entry (read, or written by this load)
+    gguf: dict | None = None  # a GGUF input: its file, bytes, storage dtype ("quantized" for blocks), sha256
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32, *,
+               cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU.
 
     `spec`: a Hub id, a local model folder, a `.gguf` file (dequantized by transformers), or None for the
     embedded default. A GGUF model is marked quantized by transformers although its weights are plain
-    floats: that mark is removed so the pruned model saves as an ordinary safetensors model."""
+    floats: that mark is removed so the pruned model saves as an ordinary safetensors model. A GGUF's conversion
+    (weights and tokenizer) is cached by the file's sha256 under `cache_dir` (default: $LLMPRUNE_CACHE, else the
+    Hugging Face home's `llmprune/`) and read from there the next time; `use_cache=False` neither reads nor writes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = None
@@ -96,18 +105,124 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32
             raise LLMPruneError(f"cannot load model {spec!r}: no such file or folder")
         else:
             where = spec
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        try:
+            return _load_gguf(Path(where) / gguf_file, source, dtype, cache_dir, use_cache)
+        except LLMPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - turned into one actionable line
+            raise LLMPruneError(_load_error_message(spec, where, e)) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
         raise LLMPruneError(_load_error_message(spec, where, e)) from None
     model.eval()
     if dtype == "auto" and next(model.parameters()).dtype not in (torch.float16, torch.bfloat16):
         model.half()
-    if gguf_file:
-        _drop_gguf_quantization_mark(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=gguf_file)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, checkpoint_dtype=_config_dtype(where))
+
+
+def _config_dtype(where: str) -> torch.dtype | None:
+    """The dtype a model folder's (or Hub repo's) config.json records, read again: loading overwrites it."""
+    from transformers import PretrainedConfig
+
+    try:
+        cfg = PretrainedConfig.get_config_dict(where)[0]
+    except Exception:  # noqa: BLE001 - only a default for --save-dtype auto
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return DTYPES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def _gguf_working_dtype(dtype: torch.dtype | str, stored: torch.dtype | None) -> torch.dtype:
+    """`auto` (an accelerator) for a GGUF: its own half precision (F16, BF16), else float16."""
+    if dtype != "auto":
+        return dtype
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use_cache: bool) -> LoadedModel:
+    """Dequantize a GGUF file and convert its tokenizer, or read both from the conversion cache (see gguf_cache).
+
+    The cache holds the conversion losslessly and is reloaded at the dtype asked for, so a model read from it
+    equals a fresh conversion at that dtype, tensor for tensor."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import gguf_cache
+
+    where, name = str(path.parent), path.name
+    t0 = time.perf_counter()
+    sha = entry = None
+    replace = False
+    if use_cache:
+        sha = gguf_cache.file_sha256(path)
+        entry = gguf_cache.entry_dir(gguf_cache.cache_root(cache_dir), sha)
+        manifest = gguf_cache.read_entry(entry, sha)
+        if manifest is not None:
+            stored = gguf_cache.dtype_from_name(manifest.get("gguf_dtype"))
+            try:
+                model, tokenizer = _load_converted(entry, where, _gguf_working_dtype(dtype, stored))
+            except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, not fatal
+                log.warning("the cached conversion %s could not be read (%s); converting the GGUF again", entry,
+                            (str(e).strip().splitlines() or [type(e).__name__])[0])
+                replace = True
+            else:
+                took = time.perf_counter() - t0
+                log.info("loaded %s from the GGUF cache %s in %.1f s (converting it took %.1f s: %.1f s saved)",
+                         name, entry, took, manifest.get("convert_seconds", 0.0),
+                         manifest.get("convert_seconds", 0.0) - took)
+                return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
+                                   checkpoint_dtype=stored or torch.bfloat16, from_cache=True,
+                                   cache_entry=str(entry), gguf=_gguf_info(path, stored, sha))
+    t0 = time.perf_counter()  # the conversion's own time, recorded in the entry
+    stored = gguf_cache.gguf_dtype(path)
+    want = _gguf_working_dtype(dtype, stored)
+    convert_at = torch.float32 if use_cache else want  # the cache keeps every dequantized value exactly
+    t = time.perf_counter()
+    log.info("converting the GGUF %s: reading it and dequantizing its tensors...", name)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=convert_at)
+    log.info("dequantized %s in %.1f s", name, time.perf_counter() - t)
+    t = time.perf_counter()
+    log.info("converting the GGUF tokenizer...")
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    log.info("converted the tokenizer in %.1f s", time.perf_counter() - t)
+    model.eval()
+    _drop_gguf_quantization_mark(model)
+    cached = False
+    if use_cache:
+        manifest = {"sha256": sha, "gguf_file": name, "gguf_bytes": path.stat().st_size,
+                    "gguf_dtype": gguf_cache.dtype_name(stored), "convert_seconds": round(time.perf_counter() - t0, 2)}
+        cached = gguf_cache.write_entry(entry, model, tokenizer, manifest, half=stored or torch.bfloat16,
+                                        replace=replace)
+        if want != convert_at:
+            if cached:  # the same reload as a cache hit: equal to a fresh conversion at `want`
+                del model  # before the reload: not both copies in memory at once
+                model, tokenizer = _load_converted(entry, where, want)
+            else:
+                log.info("converting the GGUF again at %s (no cache entry to reload it from)",
+                         gguf_cache.dtype_name(want))
+                model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=want).eval()
+                _drop_gguf_quantization_mark(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
+                       checkpoint_dtype=stored or torch.bfloat16, cache_entry=str(entry) if cached else None,
+                       gguf=_gguf_info(path, stored, sha))
+
+
+def _gguf_info(path: Path, stored: torch.dtype | None, sha: str | None) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size,
+            "dtype": dtype_label(stored) if stored is not None else "quantized", "sha256": sha}
+
+
+def _load_converted(entry: Path, where: str, dtype: torch.dtype):
+    """A cached GGUF conversion at `dtype`, named after the GGUF's folder as a fresh conversion is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(entry)
+    model.config._name_or_path = where
+    tokenizer.name_or_path = where
+    return model, tokenizer
 
 
 def _load_error_message(spec: str | None, where: str, e: Exception) -> str:
@@ -286,6 +401,74 @@ def checkpoint_bytes(spec: str | None, dtype: torch.dtype | str | None) -> int |
     """The saved size at `dtype` of the model `spec` names, known before loading it (see checkpoint_params)."""
     n = checkpoint_params(spec)
     return None if n is None else n * bytes_per_param(dtype)
+
+
+SAVE_DTYPES = ("auto", *DTYPES)
+
+
+def resolve_save_dtype(save_dtype: str, loaded: LoadedModel | None, working: torch.dtype) -> torch.dtype:
+    """The dtype a pruned model is saved in. `auto`: the checkpoint's own precision (a GGUF: F16 -> float16,
+    BF16 -> bfloat16, F32 -> float32, quantized -> bfloat16; a folder or Hub model: its config's dtype), else the
+    working dtype."""
+    if save_dtype == "auto":
+        return (loaded.checkpoint_dtype if loaded is not None else None) or working
+    if save_dtype not in DTYPES:
+        raise LLMPruneError(f"unknown save dtype {save_dtype!r}; known: {', '.join(SAVE_DTYPES)}")
+    return DTYPES[save_dtype]
+
+
+def cast_for_save_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the float parameters (and saved buffers) to `dtype` in place, keeping zeros exact: a value that
+    rounds to zero (or was -0.0) becomes +0.0, so masks and N:M groups hold (a cast only adds zeros). A value too
+    large for `dtype` (float16 overflows past 65504) is refused before anything is changed."""
+    tensors = {}
+    for mod_name, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            tensors.setdefault(id(p), (f"{mod_name}.{name}".lstrip("."), p))
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                tensors.setdefault(id(b), (f"{mod_name}.{name}".lstrip("."), b))
+    todo = [(n, t) for n, t in tensors.values() if t.is_floating_point() and t.dtype != dtype]
+    if not todo:
+        return
+    limit = torch.finfo(dtype).max
+    for name, t in todo:
+        big = float(t.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if t.numel() else 0.0
+        if big > limit:
+            raise LLMPruneError(f"{name} holds values up to {big:.4g}, more than {dtype_label(dtype)} can hold "
+                                f"({limit:.4g}); save with --save-dtype bfloat16 or float32")
+    with torch.no_grad():
+        for _, t in todo:
+            new = t.data.to(dtype)
+            new.masked_fill_(new == 0, 0.0)  # -0.0 and underflowed values -> +0.0
+            t.data = new
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def safetensors_summary(folder: str | os.PathLike) -> dict:
+    """What a saved model's weights take on disk: {"bytes": sum of *.safetensors sizes, "dtypes": {dtype: number
+    of values}} (read from the files' headers)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    dtypes: dict[str, int] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    sl = sf.get_slice(key)
+                    name = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
+                    dtypes[name] = dtypes.get(name, 0) + math.prod(sl.get_shape())
+        except Exception as e:  # noqa: BLE001 - a file that isn't safetensors still has a size
+            log.warning("cannot read the header of %s: %s", f, e)
+    return {"bytes": sum(f.stat().st_size for f in files), "files": len(files), "dtypes": dtypes}
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:

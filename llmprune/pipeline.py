@@ -13,8 +13,8 @@ from .calibration import load_calibration
 from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .evaluation.perplexity import load_eval_tokens, perplexity
-from .models import check_output_dir, load_model, resolve_device, resolve_dtype, save_pretrained_atomic
-from .models import checkpoint_bytes, model_bytes
+from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, check_output_dir, checkpoint_bytes, dtype_label, load_model,
+                     model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
 from .outputs import check_free_space, check_writable, output_errors, reserve_output_dir, write_output_dir
 from .pruner import prune
 from .scorers import SCORERS
@@ -55,11 +55,14 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
                    eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
                    dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
                    block_cfg=None, base_model: str | None = None, license: str | None = None,
+                   save_dtype: str = "auto", cache_dir: str | None = None, use_cache: bool = True,
                    reservation=None) -> dict:
     """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
     `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
-    tasks) are evaluated on the pruned model too, into results.json/results.md. Returns that record.
+    tasks) are evaluated on the pruned model too, into results.json/results.md. The model is saved in
+    `save_dtype` (`auto`: the checkpoint's own precision, see `resolve_save_dtype`); a GGUF's conversion is cached
+    in `cache_dir` unless not `use_cache` (see `load_model`). Returns that record.
 
     The record holds no absolute local path (`export.provenance`: the model by name or Hub id, `base_model` the
     Hub id of a local model, data files by relative path and sha256), nor does any file saved with it."""
@@ -67,6 +70,8 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         from .evaluation.harness import split_tasks
 
         split_tasks(tasks)
+    if save_dtype not in SAVE_DTYPES:
+        resolve_save_dtype(save_dtype, None, torch.float32)  # the one-line error, before any work
     if prune_cfg is None and block_cfg is None:
         from .errors import LLMPruneError
 
@@ -74,12 +79,14 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
     if output_dir:  # room for the saved model: before loading where the files tell its size, else right after
-        check_free_space(output_dir, checkpoint_bytes(model_spec, torch_dtype), "the pruned model")
+        # before loading, `auto` is counted at 2 bytes a weight (a lower bound); the exact check follows the load
+        check_free_space(output_dir, checkpoint_bytes(model_spec, DTYPES.get(save_dtype, "auto")), "the pruned model")
     t = time.perf_counter()
-    loaded = load_model(model_spec, torch_dtype)
+    loaded = load_model(model_spec, torch_dtype, cache_dir=cache_dir, use_cache=use_cache)
     model, tokenizer = loaded.model, loaded.tokenizer
     if output_dir:
-        check_free_space(output_dir, model_bytes(model), "the pruned model")
+        check_free_space(output_dir, model_bytes(model, resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)),
+                         "the pruned model")
     timings = {"load_model": time.perf_counter() - t}
     log.info("loaded %s (%s, %d blocks) in %.1f s", loaded.source, type(model).__name__,
              model.config.get_text_config().num_hidden_layers, timings["load_model"])
@@ -137,16 +144,19 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
+    save_to = resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)
     record = {
         "model": loaded.source,
         "architecture": type(model).__name__,
         "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
                    "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
-                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                   "save_dtype": dtype_label(save_to)},
         "calibration": calibration.to_dict() if calibration is not None else None,
         "seed": calib_cfg.seed,
         "versions": package_versions(),
         "device": str(device),
+        "gguf": {**loaded.gguf, "from_cache": loaded.from_cache} if loaded.gguf else None,
         "blocks": block_report,
         "sparsity": report.sparsity if report else zeros_after["block_linear"],  # zeros of the blocks' linear weights
         "model_sparsity": zeros_after["model"],  # zeros of all parameters, embeddings included, tied ones once
@@ -182,6 +192,8 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
                 from .blocks import plot_block_scores
 
                 plot_block_scores(block_report, folder / "block_scores.png")
+
+        cast_for_save_(model, save_to)  # the model's last use: cast in place
 
         def extra_then_scrub(folder: Path) -> None:  # every file of the folder, whoever wrote it
             extra(folder)
@@ -245,7 +257,7 @@ def _place_for_eval(model, device: torch.device) -> None:
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
                  output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
-                 bos: str = "auto") -> dict:
+                 bos: str = "auto", cache_dir: str | None = None, use_cache: bool = True) -> dict:
     """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
 
     `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
@@ -269,7 +281,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
                                 f"not a file name: {output_dir}")
         check_writable(output_dir, "results folder")
     dev = resolve_device(device)
-    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     model = loaded.model
     prune_record = None
     if model_spec and (Path(model_spec) / "llmprune.json").is_file():
@@ -318,7 +330,8 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
 
 def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
                eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
-               dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, reservation=None) -> dict:
+               dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, cache_dir: str | None = None,
+               use_cache: bool = True, reservation=None) -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
     table and plots. Calibration windows and evaluation texts are loaded once and shared by all points. The BOS
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
@@ -337,7 +350,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
                 PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
                 points.append((method, pattern, s))
     dev = resolve_device(device)
-    loaded = load_model(model_spec, resolve_dtype(dtype, dev))
+    loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     dense_model, tok = loaded.model, loaded.tokenizer
     calibration = None
     if any(SCORERS.get(m).needs != "none" for m in methods):

@@ -68,6 +68,18 @@ def tiny_tokenizer(vocab_size: int = VOCAB, bos: bool = False):
     return fast
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _gguf_cache_in_tmp(tmp_path_factory):
+    """GGUF conversions that tests cache go to a temporary folder, not the user's Hugging Face cache."""
+    old = os.environ.get("LLMPRUNE_CACHE")
+    os.environ["LLMPRUNE_CACHE"] = str(tmp_path_factory.mktemp("llmprune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LLMPRUNE_CACHE", None)
+    else:
+        os.environ["LLMPRUNE_CACHE"] = old
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     """A saved tiny Llama with a tokenizer whose vocabulary matches the model."""

@@ -102,6 +102,7 @@ def test_default_gguf_model_saves_as_plain_safetensors(tmp_path, capsys):
     assert main(["--method", "magnitude", "--eval-ppl", "none", "--output-dir", str(out), "-q"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["num_hidden_layers"] == 30
+    assert cfg["dtype"] == "bfloat16"  # --save-dtype auto: a quantized GGUF saves in bfloat16
     model = AutoModelForCausalLM.from_pretrained(out)
     q = model.model.layers[3].self_attn.q_proj.weight
     assert float((q == 0).float().mean()) == pytest.approx(0.5, abs=0.05)

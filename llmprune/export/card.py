@@ -141,6 +141,8 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", 
         args += ["--model", str(_base_model(record, base_model) or Path(str(source)).name)]
     if (record.get("config") or {}).get("dtype"):
         args += ["--dtype", str(record["config"]["dtype"])]
+    if (record.get("config") or {}).get("save_dtype"):
+        args += ["--save-dtype", str(record["config"]["save_dtype"])]
     if prune:
         args += ["--method", prune["method"], "--sparsity", f"{_target_sparsity(prune):g}",
                  "--pattern", _pattern_name(prune)]
@@ -317,8 +319,42 @@ def _how_to_use(where: str) -> list[str]:
             "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _storage_note(record: Mapping, weights: Mapping | None) -> str:
+    """The limitation about size on disk: what the saved weights take (when `weights`, a `safetensors_summary` of
+    the folder, is known) and in which dtype; sparsity saves no space, removed blocks do."""
+    prune, blocks, _, _ = _config(record)
+    cfg = record.get("config") or {}
+    dtypes = [d for d, _ in sorted((weights or {}).get("dtypes", {}).items(), key=lambda kv: -kv[1])]
+    dtypes = dtypes or [cfg.get("save_dtype") or cfg.get("dtype") or "?"]
+    dtype = dtypes[0]
+    if weights and weights.get("bytes"):
+        text = f"- The weights take {_size(weights['bytes'])} on disk (`" + "`, `".join(dtypes) + "` safetensors)."
+    else:
+        text = f"- The weights are saved as `{dtype}`."
+    gguf = record.get("gguf") or {}
+    if gguf.get("dtype") == "quantized" and weights and gguf.get("bytes") and weights.get("bytes", 0) > gguf["bytes"]:
+        text += (f" That is more than the GGUF file it came from ({_size(gguf['bytes'])}): its quantized blocks "
+                 "were dequantized to plain floats.")
+    if prune:
+        text += (f" The pruned weights are exact zeros stored in ordinary dense tensors, so the sparsity saves no "
+                 f"space: this is the size of a dense model of the same shape in `{dtype}`, and inference is no "
+                 "faster unless a sparse runtime (e.g. 2:4 kernels) uses the zeros.")
+    b = record.get("blocks") or {}
+    if blocks and b.get("params_before") and b.get("params_after"):
+        text += (f" Removing {len(b.get('removed') or [])} of {b.get('num_blocks_before', '?')} blocks is what made "
+                 f"it smaller: {b['params_after']:,} parameters instead of {b['params_before']:,}.")
+    return text
+
+
 def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None,
-                    license: str | None = None) -> ModelCard:
+                    license: str | None = None, weights: Mapping | None = None) -> ModelCard:
     """A Hugging Face model card for the pruned model that `record` (its llmprune.json) describes.
 
     Metadata: `base_model` (`base_model` given here, the record's `base_model` from --base-model, or the record's
@@ -327,7 +363,8 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     sparse and the pattern for weight pruning; block-pruning and depth-pruning for block removal), `library_name:
     transformers`, the calibration dataset, and every evaluation result as a model-index (`eval_results`).
     Body: what was pruned and how, how to load it, the calibration data (source, token sha256), the results as
-    Markdown tables, the command that rebuilds the model, package versions and limitations."""
+    Markdown tables, the command that rebuilds the model, package versions and limitations, among them the size
+    on disk of the weights when `weights` (`models.safetensors_summary` of the saved folder) is given."""
     if not isinstance(record, Mapping) or "config" not in record:
         raise LLMPruneError("make_model_card needs a pruning record (llmprune.json) with its config")
     prune, blocks, calib, ev = _config(record)
@@ -404,7 +441,9 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         lines.append("- License: **unknown here: fill in the base model's license** (`license: other` in the "
                      "metadata is a placeholder).")
     if record.get("architecture"):
-        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{(record.get('config') or {}).get('dtype', '?')}`.")
+        cfg = record.get("config") or {}
+        saved = cfg.get("save_dtype") or cfg.get("dtype", "?")
+        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{saved}`.")
     lines.append("")
 
     lines += ["## Pruning", ""]
@@ -491,13 +530,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     versions = record.get("versions") or {}
     if versions:
         lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
-    lines += ["## Limitations", ""]
-    if prune:
-        lines.append("- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's "
-                     "(less the removed blocks) and inference is no faster unless a sparse runtime (e.g. 2:4 kernels) "
-                     "uses them." if blocks else
-                     "- The zeros are stored in ordinary dense tensors: the files are as large as the dense model's and "
-                     "inference is no faster unless a sparse runtime (e.g. 2:4 kernels) uses them.")
+    lines += ["## Limitations", "", _storage_note(record, weights)]
     if blocks:
         lines.append("- Removed blocks make the model smaller and faster with any runtime, but layer indices and "
                      "per-layer settings of the base model no longer line up one to one.")
@@ -525,8 +558,11 @@ def write_card(folder: str | os.PathLike, record: Mapping | None = None, repo_id
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise LLMPruneError(f"model folder not found: {folder}")
+    from ..models import safetensors_summary
+
+    weights = safetensors_summary(folder) if any(folder.glob("*.safetensors")) else None
     card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,
-                           license=license)
+                           license=license, weights=weights)
     path = folder / "README.md"
     tmp = folder / ".README.md.tmp"
     tmp.write_text(str(card), encoding="utf-8")
