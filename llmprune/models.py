@@ -398,7 +398,12 @@ def checkpoint_params(spec: str | None, gguf_min_bytes: int = GGUF_SCAN_MIN_BYTE
 
 
 def checkpoint_bytes(spec: str | None, dtype: torch.dtype | str | None) -> int | None:
-    """The saved size at `dtype` of the model `spec` names, known before loading it (see checkpoint_params)."""
+    """The saved size at `dtype` of the model `spec` names, known before loading it (see checkpoint_params).
+    `auto` (the checkpoint's own precision): a folder's safetensors files as they are, else 2 bytes a weight."""
+    if dtype == "auto" and spec is not None and Path(spec).expanduser().is_dir():
+        files = sorted(Path(spec).expanduser().glob("*.safetensors"))
+        if files and (Path(spec).expanduser() / "config.json").exists():
+            return sum(f.stat().st_size for f in files)
     n = checkpoint_params(spec)
     return None if n is None else n * bytes_per_param(dtype)
 

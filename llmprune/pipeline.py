@@ -79,7 +79,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
     if output_dir:  # room for the saved model: before loading where the files tell its size, else right after
-        # before loading, `auto` is counted at 2 bytes a weight (a lower bound); the exact check follows the load
+        # before loading, at the checkpoint's size where `auto` (see checkpoint_bytes); exactly once it has loaded
         check_free_space(output_dir, checkpoint_bytes(model_spec, DTYPES.get(save_dtype, "auto")), "the pruned model")
     t = time.perf_counter()
     loaded = load_model(model_spec, torch_dtype, cache_dir=cache_dir, use_cache=use_cache)
