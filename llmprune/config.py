@@ -161,6 +161,7 @@ class EvalConfig(_DictMixin):
     batch_size: int = 1
     data_dir: str | None = None
     bos: str = "auto"  # BOS policy of the windows (and of zero-shot requests): auto | always | never
+    logits_budget_mb: float | None = None  # MiB of float32 logits computed at once; None = auto
 
     def __post_init__(self) -> None:
         from .bos import check_bos_policy
@@ -169,6 +170,8 @@ class EvalConfig(_DictMixin):
         object.__setattr__(self, "datasets", tuple(self.datasets))
         if self.seqlen < 2:
             raise LLMPruneError(f"eval seqlen must be >= 2, got {self.seqlen}")
+        if self.logits_budget_mb is not None and not float(self.logits_budget_mb) > 0:  # NaN fails too
+            raise LLMPruneError(f"logits_budget_mb must be > 0, got {self.logits_budget_mb}")
         if self.max_windows is not None and self.max_windows < 1:
             raise LLMPruneError(f"max_windows must be >= 1, got {self.max_windows}")
 

@@ -147,10 +147,10 @@ def test_tail_is_the_models_own_norm_and_head(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2", "opt"])
 @pytest.mark.parametrize("method", ["block-ppl", "block-kl"])
-def test_skip_scores_match_full_forward_without_the_block(family, method, monkeypatch):
-    monkeypatch.setattr(block_states, "TAIL_TOKENS", 32)  # tail in chunks of 2 windows
+def test_skip_scores_match_full_forward_without_the_block(family, method):
     model, tokens = deep_model(family), calib_tokens(n=6)
-    got = score_blocks(model, method, tokens, device="cpu", batch_size=4)  # batches of 4 and 2
+    budget_mb = 96 * 4 * 6 * 5 / 2**20  # block-kl: 5 tokens per chunk, block-ppl: 10 (pieces of 16-token windows)
+    got = score_blocks(model, method, tokens, device="cpu", batch_size=4, logits_budget_mb=budget_mb)  # batches of 4, 2
     with torch.no_grad():
         dense = model(input_ids=tokens, use_cache=False).logits
     want = []

@@ -23,6 +23,7 @@ class BlockPruneConfig(_DictMixin):
     iterative: bool = False
     device: str = "auto"  # where each block runs: "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     batch_size: int | None = None  # calibration windows per block forward; None = auto
+    logits_budget_mb: float | None = None  # block-ppl/kl: MiB of float32 logits per chunk; None = auto
 
     def __post_init__(self) -> None:
         BLOCK_SCORERS.get(self.method)
@@ -39,6 +40,8 @@ class BlockPruneConfig(_DictMixin):
                 raise LLMPruneError(f"protect must list block indices (integers), got {i!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.logits_budget_mb is not None and not float(self.logits_budget_mb) > 0:  # NaN fails too
+            raise LLMPruneError(f"logits_budget_mb must be > 0, got {self.logits_budget_mb}")
 
     def blocks_to_remove(self, n: int) -> int:
         """How many of the model's `n` blocks to remove; at least one must stay."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationData
-from ..errors import LLMPruneError
+from ..errors import LLMPruneError, memory_step
 from ..models import find_blocks, linear_layers, resolve_device, weight_oi
 from .base import BLOCK_SCORERS, BlockScorer
 from .config import BlockPruneConfig
@@ -50,12 +50,16 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _score(model: nn.Module, scorer: BlockScorer, tokens: torch.Tensor, device: torch.device, batch_size: int) -> list[float]:
-    with _eval_mode(model):
+def _score(model: nn.Module, scorer: BlockScorer, tokens: torch.Tensor, device: torch.device, batch_size: int,
+           logits_budget_mb: float | None = None) -> list[float]:
+    lower = "a smaller --batch-size" + (", a smaller --logits-budget-mb" if scorer.needs == "skip" else "") + \
+        ", --dtype bfloat16 or fewer --nsamples"
+    with _eval_mode(model), memory_step(f"block scoring by {scorer.name}", lower):
         if scorer.needs == "boundary":
             totals = boundary_totals(model, tokens, scorer, device=device, batch_size=batch_size)
         else:
-            totals = skip_totals(model, tokens, scorer, device=device, batch_size=batch_size)
+            totals = skip_totals(model, tokens, scorer, device=device, batch_size=batch_size,
+                                 logits_budget_mb=logits_budget_mb)
     scores = [scorer.importance(t) for t in totals]
     bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
     if bad:
@@ -64,14 +68,15 @@ def _score(model: nn.Module, scorer: BlockScorer, tokens: torch.Tensor, device: 
 
 
 def score_blocks(model: nn.Module, method: str, tokens, *, device: str | torch.device = "auto",
-                 batch_size: int | None = None) -> list[float]:
+                 batch_size: int | None = None, logits_budget_mb: float | None = None) -> list[float]:
     """The importance of every block of `model` by `method` (higher = keep), on calibration `tokens`
-    (windows, seqlen). The model is not changed."""
+    (windows, seqlen). The model is not changed. `logits_budget_mb`: MiB of float32 logits a chunk of the
+    perplexity/KL scorers may hold (default `llmprune.logits.logits_budget`)."""
     scorer = BLOCK_SCORERS.get(method)()
     find_blocks(model)
     tokens = _check_tokens(model, tokens)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return _score(model, scorer, tokens, dev, batch_size or auto_batch_size(tokens))
+    return _score(model, scorer, tokens, dev, batch_size or auto_batch_size(tokens), logits_budget_mb)
 
 
 def forward_flops_per_token(model: nn.Module) -> int:
@@ -113,7 +118,7 @@ def prune_blocks(model: nn.Module, config: BlockPruneConfig, calibration_tokens)
 
     def score(kept: list[int]) -> list[float]:
         t = time.perf_counter()
-        s = _score(model, scorer, tokens, device, batch_size)
+        s = _score(model, scorer, tokens, device, batch_size, config.logits_budget_mb)
         timings["scoring"] += time.perf_counter() - t
         log.info("%s: scores of blocks %s: %s", config.method, kept, ", ".join(f"{v:.4g}" for v in s))
         return s

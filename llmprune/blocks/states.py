@@ -10,11 +10,9 @@ so the blocks before i never run again. The candidates advance together, block b
 block j is moved to the device once and run on the states of every candidate i < j, L(L-1)/2 block calls in
 all, each candidate's state overwriting the cached input it started from (memory: the L cached inputs).
 
-The tail: the block list is temporarily replaced by pass-through modules, the first of which substitutes the
-given hidden state for whatever the embeddings produced, and the model's ordinary forward runs on the window's
-token ids. Whatever the model does after its blocks (final norm, OPT's project_out, Gemma's logit soft-capping,
-the LM head) is thus the model's own code; masks, positions and embedding scaling are computed as usual and
-then ignored.
+The tail is the model's own code after its blocks (final norm, OPT's project_out, the LM head, Gemma's logit
+soft-capping; `llmprune.logits.split_model`), applied to chunks of tokens sized so that the chunk's float32
+logits and the scorer's copies of them fit the logits budget (`llmprune.logits.chunk_tokens`).
 """
 
 from __future__ import annotations
@@ -29,15 +27,11 @@ from tqdm.auto import tqdm
 
 from ..calibration import BlockContext, run_sequential
 from ..calibration.capture import BlockCall
-from ..errors import LLMPruneError
+from ..logits import chunk_tokens, logits_budget, next_token_targets, split_model, token_chunks, vocab_size
 from ..models import Blocks, find_blocks
 from .base import BlockScorer
 
 log = logging.getLogger(__name__)
-
-# tokens per tail call: bounds the (tokens, vocab) float32 logits held at once
-TAIL_TOKENS = 4096
-
 
 def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The calibration windows in the runner's batches."""
@@ -137,77 +131,38 @@ def skip_one_states(blocks: Blocks, cache: BlockCache, device: torch.device, des
     return states
 
 
-class _Substitute(nn.Module):
-    """Stands in for block i: the first one replaces the hidden state by `slot["hidden"]`, all pass it on."""
-
-    def __init__(self, slot: dict, first: bool, as_tuple: bool):
-        super().__init__()
-        self.slot, self.first, self.as_tuple = slot, first, as_tuple
-
-    def forward(self, *args, **kwargs):
-        if args:
-            hidden = args[0]
-        elif "hidden_states" in kwargs:
-            hidden = kwargs["hidden_states"]
-        else:
-            raise LLMPruneError("a block was called without hidden states; this architecture is not supported")
-        if self.first:
-            hidden = self.slot["hidden"]
-            self.slot["used"] += 1
-        return (hidden,) if self.as_tuple else hidden
-
-
 @contextlib.contextmanager
 def model_tail(model: nn.Module, blocks: Blocks, device: torch.device,
                as_tuple: bool = False) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Yield `tail(hidden, input_ids) -> logits`: the model's forward after its last block, on `hidden`
     (batch, seqlen, hidden) as if the blocks had produced it. Only the modules outside the blocks move to
     `device`; the blocks are put back (and the model moved home) when the context exits."""
-    original = blocks.modules
-    slot: dict = {"hidden": None, "used": 0}
-    stand_ins = nn.ModuleList(_Substitute(slot, i == 0, as_tuple) for i in range(len(original)))
-    home = next(model.parameters()).device
-    setattr(blocks.parent, blocks.attr, stand_ins)
-    try:
-        if home != device:
-            model.to(device)
-
-        def tail(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-            slot["hidden"], slot["used"] = hidden.to(device), 0
-            out = model(input_ids=input_ids.to(device), use_cache=False)
-            slot["hidden"] = None
-            if slot["used"] != 1:
-                raise LLMPruneError(
-                    f"architecture {type(model).__name__} is not supported for block scoring: its blocks are not "
-                    "called once each in order"
-                )
-            return out.logits if hasattr(out, "logits") else out[0]
-
-        yield tail
-    finally:
-        setattr(blocks.parent, blocks.attr, original)
-        if home != device:
-            model.to(home)
+    with split_model(model, device, blocks, as_tuple) as split:
+        yield split.logits
 
 
 @torch.no_grad()
 def skip_totals(model: nn.Module, tokens: torch.Tensor, scorer: BlockScorer, *, device: torch.device,
-                batch_size: int) -> list[torch.Tensor]:
-    """Sum over batches of `scorer.stats(logits without block i, tokens, dense logits)` for every block i."""
+                batch_size: int, logits_budget_mb: float | None = None) -> list[torch.Tensor]:
+    """Sum over chunks of `scorer.stats(logits without block i, next-token targets, dense logits)` for every
+    block i; a chunk is as many tokens as `scorer.logit_copies` float32 logits of fit in the logits budget."""
     cache = cache_block_states(model, tokens, device=device, batch_size=batch_size, desc=f"{scorer.name}: cache")
     blocks = find_blocks(model)
     n = len(blocks)
     states = skip_one_states(blocks, cache, device, desc=scorer.name)
+    budget = logits_budget(device, logits_budget_mb)  # on a GPU: from what the cached states leave free
+    per_chunk = chunk_tokens(vocab_size(model), budget, scorer.logit_copies)
+    log.info("%s: logits of %d tokens at a time (budget %.0f MiB)", scorer.name, per_chunk, budget / 2**20)
     totals: list[torch.Tensor | None] = [None] * n
     with model_tail(model, blocks, device, cache.returns_tuple) as tail:
         for b, ids in enumerate(tqdm(token_batches(tokens, batch_size), desc=f"{scorer.name}: logits",
                                      unit="batch", leave=False)):
-            step = max(1, TAIL_TOKENS // ids.shape[1])
-            for c0 in range(0, ids.shape[0], step):
-                c = slice(c0, c0 + step)
-                tok = ids[c].to(device)
-                dense = tail(cache.outputs[b][c], tok) if scorer.needs_dense else None
+            targets = next_token_targets(ids)
+            for rows, cols in token_chunks(ids.shape[0], ids.shape[1], per_chunk):
+                tok, tgt = ids[rows, cols].to(device), targets[rows, cols].to(device)
+                dense = tail(cache.outputs[b][rows, cols], tok) if scorer.needs_dense else None
                 for i in range(n):
-                    s = scorer.stats(tail(states[i][b][c], tok), tok, dense).cpu()
+                    s = scorer.stats(tail(states[i][b][rows, cols], tok), tgt, dense)
                     totals[i] = s if totals[i] is None else totals[i] + s
-    return totals  # type: ignore[return-value]
+                del dense
+    return [t.cpu() for t in totals]  # type: ignore[union-attr]

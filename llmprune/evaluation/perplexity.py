@@ -3,7 +3,10 @@ windows of `seqlen` (tail dropped), ppl = exp(mean over windows of the mean next
 
 WikiText-2: the raw test split joined with "\\n\\n". C4: the first 1100 validation documents joined with " ",
 the first 256 windows (the reference's choice). The BOS policy (`llmprune.bos`) may put BOS in place of the first
-token of every window (window length and scored tokens kept) or strip the text's leading BOS; the result records it."""
+token of every window (window length and scored tokens kept) or strip the text's leading BOS; the result records it.
+
+The logits are never computed for a whole batch at once: the model runs up to its last block, then its own
+tail (final norm, head, soft-capping) runs on chunks of tokens within a byte budget (`llmprune.logits`)."""
 
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..bos import AS_GIVEN_PLAN, BosPlan
 from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
+from ..logits import NotSplittable, logits_budget, split_model, window_nll
 from ..models import find_blocks
 from ..progress import progress
 from ..registry import unknown_name_message
@@ -51,12 +54,14 @@ def load_eval_tokens(name: str, tokenizer, data_dir: str | Path | None = None, s
     return ids, where
 
 
-def _window_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window (b,), the logits upcast to float32."""
-    logits = model(input_ids=x, use_cache=False).logits  # (b, seqlen, vocab)
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                           reduction="none")
-    return loss.view(x.shape[0], -1).mean(dim=1)
+def _splittable(model: nn.Module):
+    """The model's blocks, or None for a model without a list of blocks (its full logits are then used)."""
+    if not hasattr(model, "config"):
+        return None
+    try:
+        return find_blocks(model)
+    except LLMPruneError:
+        return None
 
 
 @contextlib.contextmanager
@@ -80,15 +85,18 @@ def compiled_blocks(model: nn.Module):
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: int = 1,
                device: str | torch.device | None = None, max_windows: int | None = None,
-               compile: bool = False, desc: str = "perplexity", bos: BosPlan | None = None) -> dict:
+               compile: bool = False, desc: str = "perplexity", bos: BosPlan | None = None,
+               logits_budget_mb: float | None = None) -> dict:
     """exp(mean token NLL) over the first `max_windows` non-overlapping windows of `seqlen` tokens of `ids`.
 
     `bos`: the windows pass through `bos.windows` (every-window: BOS replaces each window's first token, which is
     never scored); None uses them exactly as cut from `ids`. The plan is recorded under "bos".
 
-    Logits are upcast to float32 for the loss; returns the protocol with the number. Batches are made equal in
-    size (so a compiled forward sees one shape); `compile=True` compiles the Transformer blocks
-    (`compiled_blocks`). A progress bar named `desc` counts the windows (off under ``TQDM_DISABLE``)."""
+    Logits are upcast to float32 for the loss, computed a chunk of tokens at a time so that at most about
+    `logits_budget_mb` MiB of them are alive (default `llmprune.logits.logits_budget`); returns the protocol
+    with the number. Batches are made equal in size (so a compiled forward sees one shape); `compile=True`
+    compiles the Transformer blocks (`compiled_blocks`). A progress bar named `desc` counts the windows (off
+    under ``TQDM_DISABLE``)."""
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)
@@ -106,11 +114,20 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     t0 = time.perf_counter()
     nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
     bar = progress(total=nwin, desc=desc, unit="window", leave=False)
+    blocks = _splittable(model)
     try:
-        with compiled_blocks(model) if compile else contextlib.nullcontext():
+        budget = logits_budget(dev, logits_budget_mb)
+        with compiled_blocks(model) if compile else contextlib.nullcontext(), \
+                split_model(model, blocks=blocks) if blocks is not None else contextlib.nullcontext() as split:
             for b0 in range(0, nwin, batch_size):
                 x = windows[b0 : b0 + batch_size].to(dev, non_blocking=True)
-                nll_sum += _window_nll(model, x).double().sum()
+                try:
+                    nll = window_nll(model, x, budget, split)
+                except NotSplittable as e:
+                    log.warning("perplexity from the full logits of each batch: %s", e)
+                    split = None
+                    nll = window_nll(model, x, budget)
+                nll_sum += nll.double().sum()
                 bar.update(x.shape[0])
         nll_sum = nll_sum.cpu()
     finally:
