@@ -31,6 +31,16 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
 
 
+def _positive_mb(value: str) -> float:
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = float("nan")
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {value!r}")
+    return mb
+
+
 def build_prune_parser() -> argparse.ArgumentParser:
     from .scorers import SCORERS
 
@@ -54,6 +64,9 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsegpt-percdamp", type=float, default=0.01)
     g.add_argument("--batch-size", type=int, default=None, help="calibration windows per block forward (default: ~16k tokens)")
     g.add_argument("--offload-activations", default="auto", help="auto, cpu or device: where calibration activations live")
+    g.add_argument("--logits-budget-mb", type=_positive_mb, default=None,
+                   help="MiB of float32 logits computed at once by block-ppl/block-kl and perplexity (default: 256 on CPU, "
+                        "a quarter of free GPU memory up to 2048)")
     g = p.add_argument_group("block removal")
     g.add_argument("--drop-blocks", type=int, default=None, help="number of whole blocks to remove")
     g.add_argument("--drop-ratio", type=float, default=None, help="fraction of blocks to remove, e.g. 0.25")
@@ -135,7 +148,8 @@ def cmd_prune(argv: list[str]) -> int:
             raise LLMPruneError(f"--protect-blocks takes block indices, got {','.join(a.protect_blocks)}") from None
         block_cfg = BlockPruneConfig(method=a.method if is_block else (a.block_method or "block-influence"),
                                      num_blocks=a.drop_blocks, ratio=a.drop_ratio, protect=protect,
-                                     iterative=a.iterative, device=a.device, batch_size=a.batch_size)
+                                     iterative=a.iterative, device=a.device, batch_size=a.batch_size,
+                                     logits_budget_mb=a.logits_budget_mb)
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
         ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
@@ -151,7 +165,8 @@ def cmd_prune(argv: list[str]) -> int:
             if name not in PPL_DATASETS:
                 raise LLMPruneError(unknown_name_message("perplexity dataset", name, list(PPL_DATASETS)))
         eval_cfg = EvalConfig(datasets=a.eval_ppl, seqlen=a.eval_seqlen or a.seqlen, max_windows=a.eval_max_windows,
-                              batch_size=a.eval_batch_size, data_dir=a.data_dir, bos=a.bos)
+                              batch_size=a.eval_batch_size, data_dir=a.data_dir, bos=a.bos,
+                              logits_budget_mb=a.logits_budget_mb)
     if a.push_to_hub and not a.output_dir:
         raise LLMPruneError("--push-to-hub needs --output-dir (the folder that is uploaded)")
     if a.push_to_hub:
@@ -257,6 +272,8 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity: only the first N windows")
     p.add_argument("--batch-size", type=_positive_int_or_auto, default="auto")
+    p.add_argument("--logits-budget-mb", type=_positive_mb, default=None,
+                   help="perplexity: MiB of float32 logits computed at once (default: 256 on CPU, a quarter of free GPU memory up to 2048)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default: all)")
     p.add_argument("--output", default=None, help="folder for results.json and results.md")
     p.add_argument("--compile", action="store_true", help="compile each Transformer block for perplexity (GPU; ~5 s once at 7B, pays off on long runs)")
@@ -268,7 +285,7 @@ def cmd_eval(argv: list[str]) -> int:
     rec = run_eval_job(a.model, a.tasks, seqlen=a.seqlen, batch_size=a.batch_size, limit=a.limit, device=a.device,
                        dtype=a.dtype, data_dir=a.data_dir, max_windows=a.max_windows, output_dir=a.output,
                        compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos, cache_dir=a.cache_dir,
-                       use_cache=not a.no_cache)
+                       use_cache=not a.no_cache, logits_budget_mb=a.logits_budget_mb)
     c = rec["compression"]
     print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
           f"{c['nonzero_params']:,} non-zero)")
@@ -378,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
                 "reproduce": cmd_reproduce}[cmd](argv)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # an allocation failure outside any named step
+        from .errors import allocation_detail, is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        detail = allocation_detail(e)
+        print(f"llmprune: error: out of memory{f' ({detail})' if detail else ''}; to use less memory: a smaller "
+              "--batch-size, --dtype bfloat16 or fewer --nsamples", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)

@@ -7,11 +7,12 @@ tokens at a time (`ModelSplit.logits`), the chunk sized so that its float32 logi
 byte budget (`chunk_tokens`). Every step after the blocks is position-wise, so chunking changes nothing but the
 order of the work: the per-token NLL is the same float32 value as from the full logits.
 
-How the model is split is the model's own code, generically: for the body the block list is swapped for one
-whose last block raises after it ran (handing out its output); for the tail it is swapped for pass-through
-modules, the first of which substitutes the given hidden state for whatever the embeddings produced, and the
-model's ordinary forward runs on the chunk's token ids (masks, positions and embedding scaling are computed as
-usual and then ignored).
+How the model is split is the model's own code, generically: for the body the block list is swapped for
+wrappers that check the blocks run once each, in order, the last one raising after it ran (handing out its
+output); for the tail it is swapped for pass-through modules, the first of which substitutes the given hidden
+state for whatever the embeddings produced, and the model's ordinary forward runs on the chunk's token ids
+(masks, positions and embedding scaling are computed as usual and then ignored). A model whose forward does
+not fit that pattern raises NotSplittable (perplexity then falls back to the full logits).
 """
 
 from __future__ import annotations
@@ -89,15 +90,20 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape)
 
 
-class _StopAfter(nn.Module):
-    """Stands in for the last block: runs it, then ends the model's forward, handing its output out."""
+class _Counted(nn.Module):
+    """Wraps block `index`: records the call, runs the block; the last one then ends the model's forward,
+    handing the block's output out."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, index: int, calls: list, last: bool):
         super().__init__()
-        self.block = block
+        self.block, self.index, self.calls, self.last = block, index, calls, last
 
     def forward(self, *args, **kwargs):
-        raise _Stop(self.block(*args, **kwargs))
+        self.calls.append(self.index)
+        out = self.block(*args, **kwargs)
+        if self.last:
+            raise _Stop(out)
+        return out
 
 
 class _Stop(Exception):
@@ -140,17 +146,28 @@ class ModelSplit:
     def _use(self, modules: nn.ModuleList) -> None:
         setattr(self.blocks.parent, self.blocks.attr, modules)
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        body = nn.ModuleList([*self.original[:-1], _StopAfter(self.original[-1])])
-        self._use(body)
+    def _forward(self, modules: nn.ModuleList, input_ids: torch.Tensor):
+        self._use(modules)
         try:
-            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except (AttributeError, TypeError, KeyError, IndexError) as e:  # the forward relies on its blocks' type
+            raise NotSplittable(f"architecture {type(self.model).__name__} cannot be cut after its blocks: "
+                                f"{type(e).__name__}: {e}") from e
+        finally:
+            self._use(self.original)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n, calls = len(self.original), []
+        body = nn.ModuleList(_Counted(block, i, calls, i == n - 1) for i, block in enumerate(self.original))
+        try:
+            self._forward(body, input_ids)
         except _Stop as stop:
             out = stop.output
         else:
-            raise NotSplittable(f"architecture {type(self.model).__name__}: its forward did not call its last block")
-        finally:
-            self._use(self.original)
+            out = None
+        if out is None or calls != list(range(n)):
+            raise NotSplittable(f"architecture {type(self.model).__name__} is not supported here: its blocks are not "
+                                "called once each in order")
         if self.as_tuple is None:
             self.as_tuple = isinstance(out, (tuple, list))
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -161,12 +178,10 @@ class ModelSplit:
             self._stand_ins = nn.ModuleList(_Substitute(self._slot, i == 0, bool(self.as_tuple)) for i in range(n))
         slot = self._slot
         slot["hidden"], slot["used"] = hidden.to(self.device), 0
-        self._use(self._stand_ins)
         try:
-            out = self.model(input_ids=input_ids.to(self.device), use_cache=False)
+            out = self._forward(self._stand_ins, input_ids)
         finally:
             slot["hidden"] = None
-            self._use(self.original)
         if slot["used"] != 1:
             raise NotSplittable(
                 f"architecture {type(self.model).__name__} is not supported here: its blocks are not called once "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import outputs
-from .errors import LLMPruneError
+from .errors import LLMPruneError, OutOfMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,15 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32
         except LLMPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into one actionable line
+            if is_out_of_memory(e):
+                raise OutOfMemory(f"loading the model {source}", "--dtype bfloat16 (or float16)") from None
             raise LLMPruneError(_load_error_message(spec, where, e)) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
+        if is_out_of_memory(e):
+            raise OutOfMemory(f"loading the model {source}", "--dtype bfloat16 (or float16)") from None
         raise LLMPruneError(_load_error_message(spec, where, e)) from None
     model.eval()
     if dtype == "auto" and next(model.parameters()).dtype not in (torch.float16, torch.bfloat16):

@@ -12,6 +12,7 @@ import torch
 from .calibration import load_calibration
 from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
+from .errors import memory_step
 from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, check_output_dir, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
@@ -34,8 +35,11 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
         if name not in cache:
             cache[name] = load_eval_tokens(name, tokenizer, eval_cfg.data_dir, eval_cfg.seqlen, bos=bos)
         ids, where = cache[name]
-        r = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, device=device,
-                       max_windows=eval_cfg.max_windows, desc=f"perplexity {name}", bos=bos)
+        lower = "a smaller --eval-batch-size or --logits-budget-mb, or --dtype bfloat16"
+        with memory_step(f"perplexity on {name}", lower):
+            r = perplexity(model, ids, eval_cfg.seqlen, batch_size=eval_cfg.batch_size, device=device,
+                           max_windows=eval_cfg.max_windows, desc=f"perplexity {name}", bos=bos,
+                           logits_budget_mb=eval_cfg.logits_budget_mb)
         r["source"] = where
         out[name] = r
         log.info("%s perplexity %.3f (%d windows of %d tokens)", name, r["ppl"], r["windows"], r["seqlen"])
@@ -140,7 +144,8 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         evaluation = evaluate(model, tokenizer, tasks, seqlen=eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
                               limit=limit, device=device, data_dir=calib_cfg.data_dir,
                               max_windows=eval_cfg.max_windows if eval_cfg else None,
-                              bos=eval_cfg.bos if eval_cfg else calib_cfg.bos)
+                              bos=eval_cfg.bos if eval_cfg else calib_cfg.bos,
+                              logits_budget_mb=eval_cfg.logits_budget_mb if eval_cfg else None)
         evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
@@ -257,7 +262,8 @@ def _place_for_eval(model, device: torch.device) -> None:
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
                  output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
-                 bos: str = "auto", cache_dir: str | None = None, use_cache: bool = True) -> dict:
+                 bos: str = "auto", cache_dir: str | None = None, use_cache: bool = True,
+                 logits_budget_mb: float | None = None) -> dict:
     """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
 
     `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
@@ -301,7 +307,8 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
             log.warning("2:4 sparse kernels not used: %s", rep.get("reason"))
     t = time.perf_counter()
     res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
-                   data_dir=data_dir, max_windows=max_windows, compile=compile, bos=bos)
+                   data_dir=data_dir, max_windows=max_windows, compile=compile, bos=bos,
+                   logits_budget_mb=logits_budget_mb)
     record = {"model": loaded.source, "architecture": type(model).__name__, "pruning": prune_record,
               "results": res, "compression": compression, "sparse_kernels": sparse24,
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "limit": limit,

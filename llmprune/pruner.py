@@ -14,7 +14,7 @@ from .calibration import BlockContext, CalibrationData, observe, run_sequential
 from .calibration.placement import BlockShuttle
 from .calibration.runner import sync_compute
 from .config import PruneConfig
-from .errors import LLMPruneError
+from .errors import LLMPruneError, memory_step
 from .masks import apply_mask_
 from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
 from .scorers import SCORERS, Scorer
@@ -145,21 +145,26 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
         batch_size = config.batch_size or _auto_batch_size(tokens)
 
+        lower = "a smaller --batch-size, --offload-activations cpu, --dtype bfloat16 or fewer --nsamples"
+
         def process(ctx: BlockContext) -> None:
             layers = linear_layers(ctx.block)
             t = time.perf_counter()
-            with observe(ctx.block, layers, need, stop_early=True) as stats:
-                ctx.forward()
-            sync_compute(device)
+            with memory_step(f"calibration of block {ctx.index}", lower):
+                with observe(ctx.block, layers, need, stop_early=True) as stats:
+                    ctx.forward()
+                sync_compute(device)
             ctx.timings["calibrate"] = time.perf_counter() - t
             t = time.perf_counter()
-            _prune_layers(scorer, layers, stats, config, f"{blocks_path}.{ctx.index}", zeros)
-            sync_compute(device)
+            with memory_step(f"{config.method} pruning of block {ctx.index}", "--dtype bfloat16 or --device cpu"):
+                _prune_layers(scorer, layers, stats, config, f"{blocks_path}.{ctx.index}", zeros)
+                sync_compute(device)
             ctx.timings["prune"] = time.perf_counter() - t
 
-        block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                                       offload_activations=config.offload_activations, desc=config.method,
-                                       release_inputs=True, transfers=transfers)
+        with memory_step(f"{config.method} pruning (block inputs and outputs)", lower):
+            block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
+                                           offload_activations=config.offload_activations, desc=config.method,
+                                           release_inputs=True, transfers=transfers)
     zeros = {k: (int(z), n) for k, (z, n) in zeros.items()}
     total = time.perf_counter() - t0
     layer_sp = {k: z / n for k, (z, n) in zeros.items()}

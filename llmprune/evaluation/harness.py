@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..bos import resolve_bos, tokenizer_for_plan
-from ..errors import LLMPruneError
+from ..errors import LLMPruneError, memory_step
 from ..registry import unknown_name_message
 from .perplexity import PPL_DATASETS, load_eval_tokens, perplexity
 
@@ -48,10 +48,12 @@ def _auto_ppl_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_size: int | str = "auto",
              limit: int | None = None, device: str | torch.device | None = None, data_dir=None,
-             max_windows: int | None = None, compile: bool = False, bos: str = "auto") -> dict:
+             max_windows: int | None = None, compile: bool = False, bos: str = "auto",
+             logits_budget_mb: float | None = None) -> dict:
     """Evaluate `model` on perplexity datasets (wikitext2, c4) and zero-shot tasks (lm-eval names).
 
-    `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows. The model stays where it is
+    `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows; `logits_budget_mb` bounds
+    the perplexity logits alive at once. The model stays where it is
     unless `device` says otherwise (it is then moved there and back). `seqlen` is the perplexity window; lm-eval
     scores zero-shot requests at the model's own context length (`zero_shot.max_length`). `seqlen` in the result
     is the length actually used: the perplexity window, or with zero-shot tasks only that context length;
@@ -68,8 +70,10 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
         bs = _auto_ppl_batch(model, seqlen, dev) if batch_size == "auto" else int(batch_size)
         for name in ppl_names:
             ids, where = load_eval_tokens(name, tokenizer, data_dir, seqlen, bos=plan)
-            r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile,
-                           desc=f"perplexity {name}", bos=plan)
+            lower = "a smaller --batch-size or --logits-budget-mb, or --dtype bfloat16"
+            with memory_step(f"perplexity on {name}", lower):
+                r = perplexity(model, ids, seqlen, batch_size=bs, device=dev, max_windows=max_windows, compile=compile,
+                               desc=f"perplexity {name}", bos=plan, logits_budget_mb=logits_budget_mb)
             r.update(source=where, batch_size=bs, compiled=compile)
             results["perplexity"][name] = r
             log.info("%s: perplexity %.3f (%d windows of %d, %.0f tokens/s)", name, r["ppl"], r["windows"], seqlen,
@@ -79,8 +83,9 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
 
         t = time.perf_counter()
         bs = 1 if batch_size == "auto" and dev.type == "cpu" else (batch_size if batch_size != "auto" else "auto")
-        zs = evaluate_zero_shot(model, tokenizer_for_plan(tokenizer, plan), zs_names, data_dir, limit=limit,
-                                batch_size=bs, device=dev, add_bos_token=plan.lm_eval_add_bos_token)
+        with memory_step(f"zero-shot evaluation ({', '.join(zs_names)})", "a smaller --batch-size or --dtype bfloat16"):
+            zs = evaluate_zero_shot(model, tokenizer_for_plan(tokenizer, plan), zs_names, data_dir, limit=limit,
+                                    batch_size=bs, device=dev, add_bos_token=plan.lm_eval_add_bos_token)
         zs["bos"] = plan.to_dict()
         zs["seconds"] = time.perf_counter() - t
         results["zero_shot"] = zs
