@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         detail = allocation_detail(e)
         print(f"llmprune: error: out of memory{f' ({detail})' if detail else ''}; to use less memory: a smaller "
-              "--batch-size, --dtype bfloat16 or fewer --nsamples", file=sys.stderr)
+              "--batch-size or --dtype bfloat16", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)

@@ -62,5 +62,6 @@ class memory_step:
         if exc is None or not is_out_of_memory(exc):
             return False
         detail = allocation_detail(exc)
-        exc.__traceback__ = None
+        exc.__traceback__ = None  # the failed frames and their tensors go now, not when the new error does
+        del exc, tb
         raise OutOfMemory(self.step, self.lower, detail) from None

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,18 @@ def test_memory_step_names_the_step_and_what_lowers_it():
         with memory_step("x", "y"):
             raise RuntimeError("shape mismatch")
 
+    alive = []
+
+    def step():
+        held = torch.empty(1000)  # what a failed step holds is released with its frames
+        alive.append(weakref.ref(held))
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(OutOfMemory) as held_error:
+        with memory_step("x", "y"):
+            step()
+    assert held_error.value.step == "x" and alive[0]() is None  # while the error is still held
+
 
 def _small_wikitext(d: Path) -> Path:
     (d / "wikitext2").mkdir(parents=True)
@@ -189,8 +202,8 @@ def test_cli_out_of_memory_outside_any_step_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(llmprune.pipeline, "run_eval_job", oom)
     assert main(["eval", "--model", "whatever", "-q"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "llmprune: error: out of memory (tried to allocate 1.00 GiB); to use less memory: a smaller --batch-size, "
-        "--dtype bfloat16 or fewer --nsamples"]
+        "llmprune: error: out of memory (tried to allocate 1.00 GiB); to use less memory: a smaller --batch-size or "
+        "--dtype bfloat16"]
     def bug(*args, **kwargs):
         raise RuntimeError("bug")
 
