@@ -53,8 +53,8 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
     """Evaluate `model` on perplexity datasets (wikitext2, c4) and zero-shot tasks (lm-eval names).
 
     `limit` caps zero-shot examples per task; `max_windows` caps perplexity windows; `logits_budget_mb` bounds
-    the perplexity logits alive at once. The model stays where it is
-    unless `device` says otherwise (it is then moved there and back). `seqlen` is the perplexity window; lm-eval
+    the perplexity logits alive at once (MiB). The model stays where it is unless `device` says otherwise (it is
+    then moved there and back). `seqlen` is the perplexity window; lm-eval
     scores zero-shot requests at the model's own context length (`zero_shot.max_length`). `seqlen` in the result
     is the length actually used: the perplexity window, or with zero-shot tasks only that context length;
     `data_dir` is the folder read (absolute) or "hub". `bos` is the BOS policy (auto, always, never;
