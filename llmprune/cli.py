@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 from .errors import LLMPruneError
 
 SUBCOMMANDS = ("prune", "eval", "sweep", "push", "reproduce")
+_COMMAND_SCOPE = contextlib.ExitStack()  # what _configure_logging sets up for one command; main() undoes it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,7 +115,13 @@ def _configure_logging(quiet: bool) -> None:
     for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if quiet:
+        old = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"  # our block bars too
+        _COMMAND_SCOPE.callback(lambda: os.environ.__setitem__("TQDM_DISABLE", old) if old is not None
+                                else os.environ.pop("TQDM_DISABLE", None))
+    from .progress import logging_redirect_tqdm
+
+    _COMMAND_SCOPE.enter_context(logging_redirect_tqdm())  # log lines print above a live bar, not into it
     try:
         import datasets
         import transformers
@@ -408,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _COMMAND_SCOPE.close()  # the logging handlers and TQDM_DISABLE as they were before the command
 
 
 if __name__ == "__main__":  # pragma: no cover

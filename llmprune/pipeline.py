@@ -192,7 +192,12 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
             write_card(folder, record)  # README.md: the model card
             if evaluation is not None:
-                (folder / "results.md").write_text(record["evaluation"]["table"] + "\n")
+                from .evaluation.harness import results_header
+
+                title = f"Evaluation of {record['model']} after {_label(prune_cfg, block_cfg)}"
+                head = results_header(title, [record["evaluation"]], limit=limit,
+                                      max_windows=eval_cfg.max_windows if eval_cfg else None)
+                (folder / "results.md").write_text(head + record["evaluation"]["table"] + "\n")
             if block_report is not None:
                 from .blocks import plot_block_scores
 
@@ -270,7 +275,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is.
     `bos`: the BOS policy of the perplexity windows and zero-shot requests (auto, always, never)."""
     from .evaluation.compression import compression_report
-    from .evaluation.harness import evaluate, results_markdown, split_tasks
+    from .evaluation.harness import evaluate, results_header, results_markdown, split_tasks
     from .errors import LLMPruneError
     from .reporting import write_json
 
@@ -320,9 +325,11 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     record, _ = portable_record(record, loaded.source, data_dirs=[data_dir], output_dir=output_dir, with_license=False)
     if output_dir:
         out = Path(output_dir)
+        head = results_header(f"Evaluation of {record['model']}", [record["results"]], limit=limit,
+                              max_windows=max_windows)
         with output_errors(out):
             write_json(out / "results.json", record)
-            (out / "results.md").write_text(record["table"] + "\n")
+            (out / "results.md").write_text(head + record["table"] + "\n")
         record["output_dir"] = str(out)
     return record
 
@@ -344,7 +351,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
     import copy
 
-    from .evaluation.harness import evaluate, split_tasks
+    from .evaluation.harness import evaluate, results_header, split_tasks
     from .reporting import plot_layer_sparsity, plot_ppl_vs_sparsity, ppl_table, write_json
 
     out = reservation.path if reservation is not None else check_output_dir(output_dir, overwrite)
@@ -389,6 +396,9 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     data, _ = portable_record(data, loaded.source, data_dirs=[calib_cfg.data_dir], output_dir=output_dir,
                               with_license=False)
     table = ppl_table(records) if any(r["ppl"] for r in records) else ""
+    head = results_header(f"Sweep of {data['model']}: perplexity by method and sparsity",
+                          [r["results"] for r in data["records"]], limit=limit, max_windows=max_windows,
+                          zero_shot_where="per point in sweep.json")
     files = {"json": "sweep.json", "table": "sweep.md"}
     if any(r["ppl"] for r in records):
         ds = next(iter(records[0]["ppl"]))
@@ -396,14 +406,16 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     last = next((r for r in reversed(records) if r.get("layer_sparsity")), None)
     if last is not None:
         files["plot_layers"] = "layer_sparsity.png"
+        point = f"{last['method']} {last['pattern']}"
+        point += f" {last['sparsity']:g}" if last["pattern"] == "unstructured" else ""
 
     def write(folder: Path) -> None:  # into a temporary sibling, put in place whole at the end
         write_json(folder / files["json"], data)
-        (folder / files["table"]).write_text(table + "\n")
+        (folder / files["table"]).write_text(head + table + "\n")
         if "plot_ppl" in files:
             plot_ppl_vs_sparsity(records, folder / files["plot_ppl"], dataset=ds)
         if "plot_layers" in files:
-            plot_layer_sparsity(last["layer_sparsity"], folder / files["plot_layers"])
+            plot_layer_sparsity(last["layer_sparsity"], folder / files["plot_layers"], title=point)
 
     write_output_dir(out, write, overwrite=overwrite, reservation=reservation, what="the sweep results")
     data["files"], data["table"] = {k: str(out / v) for k, v in files.items()}, table

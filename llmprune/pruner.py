@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
 from .calibration.placement import BlockShuttle
@@ -17,6 +16,7 @@ from .config import PruneConfig
 from .errors import LLMPruneError, memory_step
 from .masks import apply_mask_
 from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
+from .progress import progress
 from .scorers import SCORERS, Scorer
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         blocks = find_blocks(model)
         shuttle = BlockShuttle(blocks.modules, device)  # block i+1 comes and i-1 goes while i is pruned
         try:
-            for i in tqdm(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
+            for i in progress(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
                 tb = time.perf_counter()
                 block = shuttle.get(i)
                 try:

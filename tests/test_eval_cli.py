@@ -24,7 +24,10 @@ def test_eval_writes_results_json_and_wanda_style_table(tiny_model_dir, tmp_path
     assert arc["n"] == 4 and 0 <= arc["acc"] <= 1 and arc["acc_norm"] is not None
     assert rec["results"]["zero_shot"]["lm_eval_version"]
     assert rec["compression"]["total_params"] > 0 and rec["versions"]["torch"]
-    assert (out / "results.md").read_text().startswith("| Method |")
+    md = (out / "results.md").read_text()  # a title, the metrics, the window and --limit, then the tables
+    assert md.startswith(f"# Evaluation of {tiny_model_dir}\n") and "\n| Method | ARC-e | Mean |" in md
+    assert "- Window: 32 tokens per perplexity window" in md and "WikiText-2: 3 windows, `--max-windows 3`" in md
+    assert "`--limit 4`" in md and "> **Warning:** `--limit 4` is small" in md and "lm-eval `acc`" in md
     # the details: n, majority-class baseline and chance beside acc ± stderr, and the --limit warning
     assert "| Task | n | Majority | Chance |" in printed
     assert f"| ARC-e | 4 | {100 * arc['majority_baseline']:.1f} |" in printed
@@ -54,7 +57,10 @@ def test_prune_with_eval_saves_results_beside_the_model(tiny_model_dir, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["zero_shot"]["tasks"]["rte"]["n"] == 3
     assert res["pruning"]["prune"]["method"] == "wanda"
-    assert "| wanda unstructured |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert md.startswith(f"# Evaluation of {tiny_model_dir} after wanda unstructured\n")
+    assert "| wanda unstructured |" in md
+    assert "on RTE" in md and "`--limit 3`" in md and "> **Warning:** `--limit 3` is small: with 3 examples" in md
 
 
 def test_sweep_writes_one_results_file_a_table_and_plots(tiny_model_dir, tmp_path, capsys):
@@ -69,6 +75,11 @@ def test_sweep_writes_one_results_file_a_table_and_plots(tiny_model_dir, tmp_pat
     assert len(data["records"]) == 1 + 2 * 3
     table = (out / "sweep.md").read_text()
     assert "Wanda" in table and "2:4" in table and "60%" in table
+    assert table.startswith(f"# Sweep of {tiny_model_dir}: perplexity by method and sparsity\n")
+    assert "  - perplexity on WikiText-2: exp of the mean next-token negative log-likelihood" in table
+    assert "- Window: 32 tokens per perplexity window, non-overlapping (WikiText-2: 2 windows, `--max-windows 2`)" \
+        in table
+    assert "- `--limit`: none (no zero-shot task)" in table and "Warning" not in table
     for png in ("ppl_vs_sparsity_wikitext2.png", "layer_sparsity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in data["records"][1:]:

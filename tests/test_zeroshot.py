@@ -226,7 +226,7 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def test_majority_baseline_chance_and_request_bar(model, tokenizer, data_dir, tmp_path, capsys):
+def test_majority_baseline_chance_and_request_bar(model, tokenizer, data_dir, tmp_path, capsys, monkeypatch):
     """Hand-made documents with known gold labels: the baseline is over the first `limit` documents, exactly
     the ones lm-eval scores; lm-eval's bar counts all loglikelihood requests on stderr."""
     with (data_dir / "boolq" / "validation.hf.jsonl").open(encoding="utf-8") as fh:
@@ -246,6 +246,7 @@ def test_majority_baseline_chance_and_request_bar(model, tokenizer, data_dir, tm
              "answer": a} for a in ("2", "1", "2", "2", "1", "1")]  # first 5: "2" three times
     _write_jsonl(tmp_path / "winogrande" / "winogrande_1.1_dev.jsonl", wino)
 
+    monkeypatch.setenv("LLMPRUNE_PROGRESS", "1")  # live bars although capsys's stderr is not a terminal
     capsys.readouterr()
     out = evaluate_zero_shot(model, tokenizer, ["boolq", "arc_easy", "winogrande"], tmp_path, limit=5)
     err = capsys.readouterr().err
@@ -265,6 +266,7 @@ def test_majority_baseline_chance_and_request_bar(model, tokenizer, data_dir, tm
 
 def test_lambada_has_no_baseline_and_quiet_hides_the_bar(model, tokenizer, data_dir, monkeypatch, capsys, caplog):
     monkeypatch.setenv("TQDM_DISABLE", "1")  # what the CLI's --quiet sets
+    monkeypatch.setenv("LLMPRUNE_PROGRESS", "1")  # which it overrides
     capsys.readouterr()
     with caplog.at_level("WARNING", logger="llmprune.evaluation.zeroshot"):
         res = evaluate_zero_shot(model, tokenizer, ["lambada"], data_dir, limit=3)["tasks"]["lambada"]

@@ -27,6 +27,7 @@ class BlockScorer:
     needs: str = "boundary"  # "boundary" | "skip"
     needs_dense: bool = False  # "skip" scorers: whether they compare with the dense model's logits
     logit_copies: int = 4  # "skip" scorers: (positions, vocab) float32 tensors `stats` holds at once, inputs included
+    unit: str = "score"  # what importance() measures, in its unit: the y label of plot_block_scores
 
     def stats(self, *tensors: torch.Tensor) -> torch.Tensor:  # (k,) float64 sums over one batch or chunk
         raise NotImplementedError

@@ -24,6 +24,7 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
 @register_block_scorer("block-influence")
 class BlockInfluence(BlockScorer):
     needs = "boundary"
+    unit = "block influence: 1 - mean cosine (unitless)"
 
     def stats(self, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
         cos = token_cosine(x_in, x_out)  # (batch, seqlen)

@@ -23,6 +23,7 @@ class BlockKL(BlockScorer):
     needs = "skip"
     needs_dense = True
     logit_copies = 6  # dense and candidate logits, their float32 upcasts, log p and the difference
+    unit = "KL(dense || without the block), nats per token"
 
     def stats(self, logits: torch.Tensor, targets: torch.Tensor, dense_logits: torch.Tensor | None = None) -> torch.Tensor:
         kl = token_kl(dense_logits, logits).double()  # (...): every position, the last of a window too

@@ -19,6 +19,7 @@ class BlockPerplexity(BlockScorer):
     needs = "skip"
     needs_dense = False
     logit_copies = NLL_COPIES
+    unit = "calibration perplexity without the block"
 
     def stats(self, logits: torch.Tensor, targets: torch.Tensor, dense_logits: torch.Tensor | None = None) -> torch.Tensor:
         nll = token_nll(logits, targets).double()  # (...), 0 where there is no next token

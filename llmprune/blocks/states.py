@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import BlockContext, run_sequential
 from ..calibration.capture import BlockCall
 from ..logits import chunk_tokens, logits_budget, next_token_targets, split_model, token_chunks, vocab_size
 from ..models import Blocks, find_blocks
+from ..progress import progress
 from .base import BlockScorer
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def skip_one_states(blocks: Blocks, cache: BlockCache, device: torch.device, des
     input). Consumes `cache.inputs`, whose tensors are replaced in place; block j runs once per candidate i < j."""
     states = cache.inputs
     n = len(blocks)
-    for j in tqdm(range(1, n), desc=f"{desc}: skip one", unit="block", leave=False):
+    for j in progress(range(1, n), desc=f"{desc}: skip one", unit="block", leave=False):
         block = blocks[j]
         home = next(block.parameters()).device
         block.to(device)
@@ -155,7 +155,7 @@ def skip_totals(model: nn.Module, tokens: torch.Tensor, scorer: BlockScorer, *, 
     log.info("%s: logits of %d tokens at a time (budget %.0f MiB)", scorer.name, per_chunk, budget / 2**20)
     totals: list[torch.Tensor | None] = [None] * n
     with model_tail(model, blocks, device, cache.returns_tuple) as tail:
-        for b, ids in enumerate(tqdm(token_batches(tokens, batch_size), desc=f"{scorer.name}: logits",
+        for b, ids in enumerate(progress(token_batches(tokens, batch_size), desc=f"{scorer.name}: logits",
                                      unit="batch", leave=False)):
             targets = next_token_targets(ids)
             for rows, cols in token_chunks(ids.shape[0], ids.shape[1], per_chunk):

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import LLMPruneError
 from ..models import Blocks, find_blocks
+from ..progress import progress
 from .capture import BlockCall, capture_block_inputs
 from .observe import StopBlockForward
 from .placement import BlockShuttle
@@ -105,7 +105,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
     log.info("captured block inputs: %d batches in %.2f s (activations on %s)", len(hidden),
              time.perf_counter() - t0, act_device)
     timings = []
-    bar = tqdm(range(n), desc=desc, unit="block", leave=False)
+    bar = progress(range(n), desc=desc, unit="block", leave=False)
     shuttle = BlockShuttle(blocks.modules, device, writeback=writeback, prefetch=prefetch)
     try:
         for i in bar:

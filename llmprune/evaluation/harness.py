@@ -158,3 +158,60 @@ def results_markdown(rows: list[tuple[str, dict]]) -> str:
     if zs_cols:
         parts.append(zero_shot_details(rows))
     return "\n\n".join(parts)
+
+
+def _name(task: str) -> str:
+    return COLUMN_LABELS.get(task, task).removesuffix(" ppl")
+
+
+def _limit_text(limit) -> str:
+    if isinstance(limit, float) and limit < 1:
+        return f"`--limit {limit:g}`, the first {100 * limit:g} % of each task's examples"
+    return f"`--limit {limit}`, the first {int(limit)} examples of each task"
+
+
+def results_header(title: str, results, *, limit=None, max_windows: int | None = None,
+                   zero_shot_where: str | None = None) -> str:
+    """The lines above a results table: a title, the metric of each number, the perplexity window and the zero-shot
+    `limit`, with a warning when `limit` leaves a task fewer than `baselines.MIN_EXAMPLES` examples (an accuracy's
+    standard error is then up to 0.5 / sqrt(n - 1), e.g. 29 points at n = 4). `results` are evaluate() results;
+    `zero_shot_where` says where zero-shot accuracies are when the tables below leave them out. Ends with a
+    blank line."""
+    from .baselines import MIN_EXAMPLES
+
+    ppl: dict[str, dict] = {}
+    zs: dict[str, dict] = {}
+    for r in results:
+        for name, p in (r.get("perplexity") or {}).items():
+            ppl.setdefault(name, p)
+        for name, e in ((r.get("zero_shot") or {}).get("tasks") or {}).items():
+            zs.setdefault(name, e)
+    lines = [f"# {title}", "", "- Metrics:" if ppl or zs else "- Metrics: none (nothing was evaluated)"]
+    if ppl:
+        lines.append(f"  - perplexity on {', '.join(_name(n) for n in ppl)}: exp of the mean next-token negative "
+                     "log-likelihood, lower is better")
+    if zs:
+        kinds = "`, `".join(sorted({e.get("metric") or "acc" for e in zs.values()}))
+        tasks = ", ".join(_name(n) for n in [c for c in ZS_COLUMNS if c in zs] + sorted(set(zs) - set(ZS_COLUMNS)))
+        lines.append(f"  - zero-shot accuracy in % (lm-eval `{kinds}`), higher is better, on {tasks}"
+                     + (f"; {zero_shot_where}" if zero_shot_where else ""))
+    if ppl:
+        seqlens = " / ".join(str(s) for s in sorted({p.get("seqlen") for p in ppl.values() if p.get("seqlen")}))
+        windows = ", ".join(f"{_name(n)}: {p.get('windows')} windows" for n, p in ppl.items())
+        cut = f", `--max-windows {max_windows}`" if max_windows is not None else ""
+        lines.append(f"- Window: {seqlens} tokens per perplexity window, non-overlapping ({windows}{cut})")
+    if limit is None:
+        lines.append("- Zero-shot examples: all, no `--limit`" if zs else "- `--limit`: none (no zero-shot task)")
+    elif not zs:
+        lines.append(f"- `--limit {limit}`: no zero-shot task was evaluated, so it changed nothing")
+    else:
+        lines.append(f"- Zero-shot examples: {_limit_text(limit)}")
+        cut_short = [e["n"] for e in zs.values() if e.get("n") is not None
+                     and (e.get("n_available") is None or e["n"] < e["n_available"])]
+        n = min(cut_short, default=None)  # None: every task was scored whole
+        if n is not None and n < MIN_EXAMPLES:
+            bound = f"up to {100 * 0.5 / (n - 1) ** 0.5:.0f} points" if n > 1 else "not estimable"
+            lines += ["", f"> **Warning:** `--limit {limit}` is small: with {n} examples per task (fewer than "
+                          f"{MIN_EXAMPLES}) an accuracy's standard error is {bound}, so these accuracies cannot tell "
+                          "models apart and do not compare with full-task results. Use a larger `--limit`, or none."]
+    return "\n".join(lines) + "\n\n"

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from ..errors import LLMPruneError
-from ..progress import bars_disabled
+from ..progress import live_bars
 from .baselines import chance_rate, is_noisy, majority_share, notes
 
 __all__ = [
@@ -419,13 +419,14 @@ def _with_request_bar(hflm_cls: type, stream) -> type:
     """`hflm_cls` whose loglikelihood bar (lm-eval's own: counts, rate, ETA over all requests of all tasks)
     is drawn on `stream` (the terminal's stderr, while :func:`_quiet` holds the rest of lm-eval's output back),
     and is off under ``TQDM_DISABLE`` (lm-eval passes ``disable=False`` explicitly, which tqdm's environment
-    default would not override)."""
+    default would not override) and when `stream` is not a terminal (``llmprune.progress.live_bars``: its
+    carriage-return updates would fill a log file)."""
 
     class _HFLMWithBar(hflm_cls):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             with contextlib.redirect_stderr(stream):
                 return super()._loglikelihood_tokens(
-                    requests, disable_tqdm=disable_tqdm or bars_disabled(), override_bs=override_bs
+                    requests, disable_tqdm=disable_tqdm or not live_bars(stream), override_bs=override_bs
                 )
 
     return _HFLMWithBar
