@@ -185,7 +185,8 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
     convert_at = torch.float32 if use_cache else want  # the cache keeps every dequantized value exactly
     t = time.perf_counter()
     log.info("converting the GGUF %s: reading it and dequantizing its tensors...", name)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=convert_at)
+    with _gguf_bars():  # its de-quantization bar: -q hides it, a log gets plain lines
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=convert_at)
     log.info("dequantized %s in %.1f s", name, time.perf_counter() - t)
     t = time.perf_counter()
     log.info("converting the GGUF tokenizer...")
@@ -206,7 +207,8 @@ def _load_gguf(path: Path, source: str, dtype: torch.dtype | str, cache_dir, use
             else:
                 log.info("converting the GGUF again at %s (no cache entry to reload it from)",
                          gguf_cache.dtype_name(want))
-                model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=want).eval()
+                with _gguf_bars():
+                    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=want).eval()
                 _drop_gguf_quantization_mark(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=name,
                        checkpoint_dtype=stored or torch.bfloat16, cache_entry=str(entry) if cached else None,
@@ -249,6 +251,15 @@ def _load_error_message(spec: str | None, where: str, e: Exception) -> str:
     if any(isinstance(c, RepositoryNotFoundError) for c in chain):
         return f"cannot load model {spec!r}: no such model on the Hugging Face Hub (or it is private/gated)"
     return f"cannot load model {spec!r}: {first}"
+
+
+def _gguf_bars():
+    """transformers' GGUF loader draws its bar with its own tqdm: route it through llmprune.progress."""
+    from transformers import modeling_gguf_pytorch_utils
+
+    from .progress import routed_bars
+
+    return routed_bars(modeling_gguf_pytorch_utils)
 
 
 def _drop_gguf_quantization_mark(model: nn.Module) -> None:

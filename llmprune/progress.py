@@ -18,9 +18,12 @@ log line is printed above a live bar instead of being glued to it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
+from types import ModuleType
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm as _tqdm_logging_redirect
@@ -107,3 +110,18 @@ def logging_redirect_tqdm():
     """Route the root logger's console handlers through ``tqdm.write`` while the context is open, so that log
     lines print above live bars (tqdm's own :func:`tqdm.contrib.logging.logging_redirect_tqdm`)."""
     return _tqdm_logging_redirect(tqdm_class=tqdm)
+
+
+@contextlib.contextmanager
+def routed_bars(*modules: ModuleType) -> Iterator[None]:
+    """While open, the bars that `modules` make with their module-level ``tqdm`` (e.g. transformers' GGUF
+    de-quantization bar) are made by :func:`progress`: hidden by ``--quiet``, plain lines in a log. Modules
+    without a ``tqdm`` global are left alone; each one's own is put back on exit."""
+    saved = [(m, m.tqdm) for m in modules if callable(getattr(m, "tqdm", None))]
+    for m, _ in saved:
+        m.tqdm = progress
+    try:
+        yield
+    finally:
+        for m, own in saved:
+            m.tqdm = own

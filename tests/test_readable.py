@@ -285,3 +285,18 @@ def test_2_4_points_are_named_in_the_legend():
     texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert texts == ["Wanda (unstructured)", "Wanda 2:4 (50 %)", "SparseGPT 2:4 (50 %)", "SparseGPT 4:8 (50 %)",
                      "Dense 20.00"]
+
+
+def test_other_libraries_bars_are_routed_through_progress(monkeypatch):
+    """transformers' GGUF loader makes its bar with its own tqdm global: while a GGUF model loads it is
+    llmprune.progress's, so -q hides it and a log gets plain lines; afterwards it is transformers' own again."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from llmprune.models import _gguf_bars
+
+    own = gguf.tqdm
+    with _gguf_bars():
+        assert gguf.tqdm is progress
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+        assert gguf.tqdm(range(3), desc="Converting").disable
+    assert gguf.tqdm is own

@@ -148,8 +148,8 @@ def layer_sparsity_figure(layer_sparsity: Mapping[str, float], title: str | None
 
 
 def _sparsity_heat_map(values: dict[str, float], parsed: dict, blocks: list[int], head: str):
-    """Heat map: rows = layer types (in forward order), columns = blocks, colour = sparsity (%); a layer missing
-    from a block is left blank."""
+    """Heat map: rows = layer types (in forward order), columns = blocks, colour = sparsity (%), the values
+    written in the cells when there are few; a layer missing from a block is left blank."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
@@ -173,6 +173,11 @@ def _sparsity_heat_map(values: dict[str, float], parsed: dict, blocks: list[int]
     else:
         step = -(-len(blocks) // MAX_BLOCK_TICKS)
         ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=7)
+    if len(blocks) <= 16 and len(kinds) <= 16:  # few cells: their values too
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < lo + 0.6 * (hi - lo) else "black")
     ax.set_xlabel("block")
     ax.set_ylabel("layer type")
     ax.set_title(head, fontsize=10)
