@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     """The sha256 of a file, read in chunks behind a progress bar (bytes)."""
     path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"sha256 {path.name}", leave=False) as bar:
+    with open(path, "rb") as f, progress(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                         desc=f"sha256 {path.name}", leave=False) as bar:
         while block := f.read(chunk):
             h.update(block)
             bar.update(len(block))

@@ -25,7 +25,7 @@ def test_eval_writes_results_json_and_wanda_style_table(tiny_model_dir, tmp_path
     assert rec["results"]["zero_shot"]["lm_eval_version"]
     assert rec["compression"]["total_params"] > 0 and rec["versions"]["torch"]
     md = (out / "results.md").read_text()  # a title, the metrics, the window and --limit, then the tables
-    assert md.startswith(f"# Evaluation of {tiny_model_dir}\n") and "\n| Method | ARC-e | Mean |" in md
+    assert md.startswith(f"# Evaluation of {tiny_model_dir.name}\n") and "\n| Method | ARC-e | Mean |" in md
     assert "- Window: 32 tokens per perplexity window" in md and "WikiText-2: 3 windows, `--max-windows 3`" in md
     assert "`--limit 4`" in md and "> **Warning:** `--limit 4` is small" in md and "lm-eval `acc`" in md
     # the details: n, majority-class baseline and chance beside acc ± stderr, and the --limit warning
@@ -58,7 +58,7 @@ def test_prune_with_eval_saves_results_beside_the_model(tiny_model_dir, tmp_path
     assert res["results"]["zero_shot"]["tasks"]["rte"]["n"] == 3
     assert res["pruning"]["prune"]["method"] == "wanda"
     md = (out / "results.md").read_text()
-    assert md.startswith(f"# Evaluation of {tiny_model_dir} after wanda unstructured\n")
+    assert md.startswith(f"# Evaluation of {tiny_model_dir.name} after wanda unstructured\n")
     assert "| wanda unstructured |" in md
     assert "on RTE" in md and "`--limit 3`" in md and "> **Warning:** `--limit 3` is small: with 3 examples" in md
 
@@ -75,7 +75,7 @@ def test_sweep_writes_one_results_file_a_table_and_plots(tiny_model_dir, tmp_pat
     assert len(data["records"]) == 1 + 2 * 3
     table = (out / "sweep.md").read_text()
     assert "Wanda" in table and "2:4" in table and "60%" in table
-    assert table.startswith(f"# Sweep of {tiny_model_dir}: perplexity by method and sparsity\n")
+    assert table.startswith(f"# Sweep of {tiny_model_dir.name}: perplexity by method and sparsity\n")
     assert "  - perplexity on WikiText-2: exp of the mean next-token negative log-likelihood" in table
     assert "- Window: 32 tokens per perplexity window, non-overlapping (WikiText-2: 2 windows, `--max-windows 2`)" \
         in table

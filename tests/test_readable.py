@@ -300,3 +300,26 @@ def test_other_libraries_bars_are_routed_through_progress(monkeypatch):
         monkeypatch.setenv("TQDM_DISABLE", "1")
         assert gguf.tqdm(range(3), desc="Converting").disable
     assert gguf.tqdm is own
+
+
+def test_every_llmprune_bar_goes_through_progress(tmp_path, capsys, monkeypatch):
+    """No module but llmprune.progress makes tqdm bars itself (so -q and log bars apply to all); e.g. the GGUF
+    cache's sha256 bar is hidden by TQDM_DISABLE even where bars are live."""
+    from pathlib import Path
+
+    import llmprune
+    from llmprune.gguf_cache import file_sha256
+
+    root = Path(llmprune.__file__).parent
+    direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "progress.py"
+              and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(encoding="utf-8"), re.M)]
+    assert direct == []
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"\0" * 4096)
+    monkeypatch.setenv("LLMPRUNE_PROGRESS", "1")
+    capsys.readouterr()
+    file_sha256(f)
+    assert "sha256 x.gguf" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    file_sha256(f)
+    assert capsys.readouterr().err == ""
