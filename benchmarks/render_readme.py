@@ -39,6 +39,20 @@ def quality_table(data: dict) -> str:
     return "\n".join(out)
 
 
+def unchanged_table(data: dict) -> str:
+    same = sum(r["equal"] for r in data["rows"])
+    out = [f"The full prune job (the CLI's path, with the BOS policy, chunked logits and the GGUF cache) against the "
+           f"numbers of `benchmarks/results/{data['before_file']}` committed before those changes: {data['model']}, "
+           f"{data['protocol']['calibration']}, {data['protocol']['eval']}; {same} of {len(data['rows'])} equal to "
+           f"1e-9 relative (`python benchmarks/cpu_unchanged.py` -> `benchmarks/results/cpu_smollm2_unchanged.json`).",
+           "", "| Method | Pattern | Before | After | BOS policy | Equal |", "|---|---|---:|---:|---|:---:|"]
+    for r in data["rows"]:
+        bos = r.get("bos") or {}
+        out.append(f"| {r['method']} | {r['pattern']} | {r['before']:.4f} | {r['after']:.4f} | "
+                   f"{bos.get('policy', '-')} ({bos.get('resolved', '-')}) | {'yes' if r['equal'] else 'no'} |")
+    return "\n".join(out)
+
+
 def speed_table(data: dict) -> str:
     b = data["wanda_breakdown"]
     return "\n".join([
@@ -203,6 +217,7 @@ SECTIONS = {
     "gpu-sparse24": ("gpu_sparse24_llama2-7b.json", sparse24_table),
     "cpu-quality": ("cpu_smollm2_quality.json", quality_table),
     "cpu-speed": ("cpu_smollm2_wanda_speed.json", speed_table),
+    "cpu-unchanged": ("cpu_smollm2_unchanged.json", unchanged_table),
 }
 
 
