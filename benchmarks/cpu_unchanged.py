@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                          "bos": d.get("bos")})
         r = ppl["pruned"]["wikitext2"]
         rows.append({"method": method, "pattern": pattern, "before": old.get((method, pattern)), "after": r["ppl"],
-                     "bos": r.get("bos"), "calibration_sha256": rec["calibration"]["token_sha256"],
+                     "bos": r.get("bos"), "calibration_sha256": (rec["calibration"] or {}).get("token_sha256"),
                      "seconds": time.perf_counter() - t})
         print(f"{method:10s} {pattern:12s} before {rows[-1]['before']} after {r['ppl']}", flush=True)
     for r in rows:
