@@ -1,4 +1,4 @@
-"""GPU benchmark of 2:4 acceleration (`llmprune.export.sparse24`) on a random-initialized model at real shapes
+"""GPU benchmark of 2:4 acceleration (`llmprune.accelerate`) on a random-initialized model at real shapes
 (speed does not depend on the values): a Llama-2-7B-shaped LlamaForCausalLM in bf16, every block linear layer
 made 2:4 by magnitude, then
 
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmprune.export.sparse24 import (  # noqa: E402
+from llmprune.accelerate import (  # noqa: E402
     accelerate_2of4_, available_backends, cuda_time_ms, is_2of4, set_sparse24_mode, sparse24_layers)
 from llmprune.masks import apply_mask_, nm_mask  # noqa: E402
 from llmprune.models import find_blocks, linear_layers  # noqa: E402

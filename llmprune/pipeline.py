@@ -303,7 +303,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     compression = compression_report(model, seqlen=seqlen)  # before any layer becomes a sparse-kernel module
     sparse24 = None
     if sparse_kernels:
-        from .export.sparse24 import accelerate_2of4_
+        from .accelerate import accelerate_2of4_
 
         rep = accelerate_2of4_(model, device=dev)
         sparse24 = {k: rep.get(k) for k in ("status", "reason", "layers", "memory", "backends_available",

@@ -1,8 +1,12 @@
-"""2:4 acceleration (llmprune.export.sparse24): decision oracles, CPU fallback, dispatch, and the benchmark smoke."""
+"""2:4 acceleration (llmprune.accelerate): decision oracles, CPU fallback, dispatch, and the benchmark smoke."""
 
+import ast
 import copy
+import importlib
 import importlib.util
 import json
+import sys
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmprune import accelerate as s24
+from llmprune.accelerate import ops, timing
 from llmprune.errors import LLMPruneError
-from llmprune.export import sparse24 as s24
 from llmprune.masks import apply_mask_, nm_mask
 from llmprune.models import find_blocks, linear_layers
 
@@ -121,9 +126,9 @@ def test_cslt_api_matches_the_op_schema():
     names = {a.name for a in torch.ops.aten._cslt_sparse_mm.default._schema.arguments}
     api = s24.cslt_api()
     assert api in names or api == "basic"
-    kw = s24._cslt_kwargs((3, 2, 1))
+    kw = ops._cslt_kwargs((3, 2, 1))
     assert kw.get("alg_id") == 3 and set(kw) <= names
-    assert s24._cslt_kwargs(s24.DEFAULT_PLAN) == {}  # the default plan passes no optional keyword
+    assert ops._cslt_kwargs(s24.DEFAULT_PLAN) == {}  # the default plan passes no optional keyword
 
 
 # ---------------------------------------------------------------- the verb on the CPU
@@ -178,7 +183,7 @@ def reference_kernel(monkeypatch):
         seen.append((x2.shape[0], plan))
         return F.linear(x2, packed, bias)
 
-    monkeypatch.setitem(s24._MM, "cusparselt", mm)
+    monkeypatch.setitem(ops._MM, "cusparselt", mm)
     return seen
 
 
@@ -245,12 +250,68 @@ def test_mode_helpers_and_restore_dense(reference_kernel):
 def test_custom_op_fake_shape_for_compile():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    op = s24._ensure_op()
+    op = ops._ensure_op()
     with FakeTensorMode():
         x = torch.empty(5, 64, dtype=torch.bfloat16)
         packed = torch.empty(32 * 64 * 9 // 16, dtype=torch.bfloat16)
         y = op(x, packed, None, None, 32, "cusparselt", 0, 1, -1, 8)
     assert tuple(y.shape) == (5, 32) and y.dtype == torch.bfloat16
+
+
+def test_measure_shape_cycles_the_copies_and_keeps_the_faster_plan_per_token_count(monkeypatch):
+    """The timing loop on the CPU: stand-ins for compression (the dense weight), the kernel, the search and the
+    CUDA-event timer, whose time depends only on the plan and rows it saw. The searched plan is faster only at
+    24 rows: kept there, the default plan elsewhere; timed calls cycle through every weight copy, checks use one."""
+    searched = (7, 1, -1)
+    calls = []  # (inside a timing, packed tensor's address, plan, rows) per kernel call
+    timing_now = {"on": False}
+    packs = []
+
+    def mm(x2, packed, meta, bias, out_features, plan):
+        calls.append((timing_now["on"], packed.data_ptr(), tuple(plan), x2.shape[0]))
+        return F.linear(x2, packed, bias)
+
+    def compress(w, backend):
+        packs.append(w.clone())
+        return packs[-1], None
+
+    def fake_time(fn, *, warmup, iters, repeats, graph):
+        start = len(calls)
+        timing_now["on"] = True
+        for _ in range(iters):
+            fn()
+        timing_now["on"] = False
+        seen = calls[start:]
+        windows.append((graph, {c[2] for c in seen}, {c[1] for c in seen}))
+        if not seen:  # dense F.linear
+            return 1.0
+        plan, rows = seen[0][2], seen[0][3]
+        return 0.5 if (plan, rows) == (searched, 24) else 0.9 if plan == searched else 0.8
+
+    windows = []
+    monkeypatch.setitem(ops._MM, "cusparselt", mm)
+    monkeypatch.setattr(timing, "compress_2of4", compress)
+    monkeypatch.setattr(timing, "cslt_search", lambda packed, x2, bias: (searched, "stand-in search"))
+    monkeypatch.setattr(timing, "cuda_time_ms", fake_time)
+    torch.manual_seed(0)
+    w, b = torch.randn(16, 16, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    res = s24.measure_shape(w, b, [1, 8, 24], ["cusparselt"], iters=32, repeats=1)
+    n = res["weight_copies"]
+    assert n == 16 and len(packs) == n  # a tiny weight: the most copies (no CUDA L2 size here: 50 MB assumed)
+    assert res["dense_ms"] == {"eager": [1.0] * 3, "graph": [1.0] * 3}
+    assert res["sparse_ms"] == {"cusparselt": {"eager": [0.8, 0.8, 0.5], "graph": [0.8, 0.8, 0.5]}}
+    assert res["plans"] == {"cusparselt": {24: searched}} and res["search_api"] == "stand-in search"
+    assert res["errors"] == {} and res["rel_err"] == {"cusparselt": 0.0}
+    sparse = [win for win in windows if win[1]]
+    # per token count: the default and the searched plan by graph replay, then the winner eagerly
+    assert [(g, p) for g, p, _ in sparse] == [(True, {s24.DEFAULT_PLAN}), (True, {searched}),
+                                             (False, {s24.DEFAULT_PLAN})] * 2 + [
+        (True, {s24.DEFAULT_PLAN}), (True, {searched}), (False, {searched})]
+    every = {p.data_ptr() for p in packs}
+    assert all(ptrs == every for _, _, ptrs in sparse)  # each timed loop runs every compressed copy
+    checks = [c for c in calls if not c[0]]  # the setup check, then the searched plan's check at each count
+    assert [(c[1], c[2]) for c in checks] == [(packs[0].data_ptr(), s24.DEFAULT_PLAN)] + [
+        (packs[0].data_ptr(), searched)] * 3
 
 
 # ---------------------------------------------------------------- the benchmark's smoke mode
@@ -275,6 +336,53 @@ def test_benchmark_smoke_writes_the_expected_json(tmp_path):
     assert data["decode"]["b1"]["dense"]["static_eager_tokens_match_eager"]["equal_fraction"] == 1.0
     assert data["accuracy"]["logits"]["mode_sparse"]["rel_error"] == 0.0  # nothing converted on the CPU
     assert set(data["targets"]) >= {"prefill_pass", "decode_pass", "prefill_min_speedup", "decode_min_speedup"}
+
+
+# ---------------------------------------------------------------- the package's structure
+
+def _accelerate_imports() -> dict[str, set[str]]:
+    """For each module of llmprune/accelerate, the package's modules it imports ("__init__": the package itself)."""
+    pkg = ROOT / "llmprune" / "accelerate"
+    mods = {p.stem for p in pkg.glob("*.py")}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import y
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[:2] == ["llmprune", "accelerate"]:
+                    deps.add(parts[2] if len(parts) > 2 else "__init__")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    parts = a.name.split(".")
+                    if parts[:2] == ["llmprune", "accelerate"]:
+                        deps.add(parts[2] if len(parts) > 2 else "__init__")
+        graph[m] = {d if d in mods else "__init__" for d in deps} - {m}
+    return graph
+
+
+def test_accelerate_modules_import_one_way():
+    graph = _accelerate_imports()
+    assert all("__init__" not in deps for m, deps in graph.items() if m != "__init__"), graph  # never the package
+    assert graph["ops"] == {"backends"} and {"timing", "policy", "layer"} <= graph["convert"]  # the walker sees
+    assert graph["__init__"] >= set(graph) - {"__init__"}  # the package re-exports from every module
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        pytest.fail(f"import cycle in llmprune.accelerate: {e.args[1]}")
+    assert order[0] == "backends" and order[-1] == "__init__"
+
+
+def test_old_import_path_warns_and_reexports_the_same_objects(monkeypatch):
+    monkeypatch.delitem(sys.modules, "llmprune.export.sparse24", raising=False)
+    with pytest.warns(DeprecationWarning, match="llmprune.accelerate"):
+        old = importlib.import_module("llmprune.export.sparse24")
+    assert set(old.__all__) == set(s24.__all__) | {"NEVER", "VERIFY_TOKENS"}
+    for name in s24.__all__:
+        assert getattr(old, name) is getattr(s24, name), name
+    assert old.NEVER == s24.layer.NEVER and old.VERIFY_TOKENS == s24.convert.VERIFY_TOKENS
 
 
 # ---------------------------------------------------------------- GPU
