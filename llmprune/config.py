@@ -3,57 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
+import functools
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import LLMPruneError
+from .masks import Pattern  # noqa: F401  (Pattern lived here; the masks room owns it now)
+
+log = logging.getLogger(__name__)
 
 COMPARISON_GROUPS = ("per-row", "per-layer")
-NAMED_PATTERNS = ("unstructured", "2:4", "4:8")
-_NM = re.compile(r"^(\d+):(\d+)$")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """Where zeros may go: unstructured (a fraction of each comparison group) or N:M (at most N non-zeros in
-    every M consecutive weights along the input dimension of each row)."""
-
-    kind: str  # "unstructured" | "nm"
-    sparsity: float  # fraction of weights set to zero
-    n: int = 0
-    m: int = 0
-
-    @classmethod
-    def parse(cls, pattern: str, sparsity: float | None) -> "Pattern":
-        if pattern == "unstructured":
-            s = 0.5 if sparsity is None else float(sparsity)
-            if not (0.0 <= s < 1.0) or math.isnan(s):
-                raise LLMPruneError(f"sparsity must be in [0, 1), got {sparsity}")
-            return cls("unstructured", s)
-        m = _NM.match(pattern)
-        if not m:
-            raise LLMPruneError(
-                f"unknown pattern {pattern!r}; known: unstructured, N:M with N < M (e.g. 2:4, 4:8)"
-            )
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not (1 <= n < mm):
-            raise LLMPruneError(f"pattern {pattern}: N:M needs 1 <= N < M, got N={n}, M={mm}")
-        implied = 1.0 - n / mm
-        if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
-            raise LLMPruneError(
-                f"pattern {pattern} fixes the sparsity at {implied:g}; drop --sparsity or set it to {implied:g}"
-            )
-        return cls("nm", implied, n, mm)
-
-    @property
-    def name(self) -> str:
-        return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
 
 
 def _check_unknown(cls, data: dict) -> None:
-    known = {f.name for f in fields(cls)}
+    known = set(cls.known_keys())
     unknown = sorted(set(data) - known)
     if unknown:
         raise LLMPruneError(
@@ -66,6 +30,11 @@ class _DictMixin:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
 
     @classmethod
+    def known_keys(cls) -> list[str]:
+        """The keys `from_dict` (and a recipe's section) accepts."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]):
         _check_unknown(cls, data)
         return cls(**data)  # type: ignore[call-arg]
@@ -73,36 +42,46 @@ class _DictMixin:
 
 @dataclass(frozen=True)
 class PruneConfig(_DictMixin):
-    """What to prune and how. `comparison_group=None` takes the method's reference default."""
+    """What to prune and how: the four parts of the engine by name (the statistics follow from the method).
+
+    `method`: the scorer; `options`: its options (its `Options` dataclass, or a mapping of its fields; None =
+    the defaults), stored as the dataclass and written to dicts as a mapping. The flat keys of earlier versions,
+    `<method>_<field>` (`ria_alpha`, `sparsegpt_blocksize`, `sparsegpt_percdamp`), are accepted as keyword
+    arguments and dict keys: the method's own are folded into `options`; another method's are validated and
+    ignored (with a warning when not at their default), as they always were. `cfg.ria_alpha` still reads.
+    `comparison_group=None` takes the method's reference default. `allocation`: how much of each layer is
+    pruned (`llmprune.allocation`); `target`: what a decision removes (`llmprune.targets`)."""
 
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
     comparison_group: str | None = None
-    ria_alpha: float = 0.5
-    sparsegpt_blocksize: int = 128
-    sparsegpt_percdamp: float = 0.01
+    options: Any = None  # the method's options; see the class docstring
+    allocation: str = "uniform"
+    target: str = "mask"
     device: str = "auto"  # where each block is processed: "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     batch_size: int | None = None  # calibration windows per block forward; None = auto
     offload_activations: str = "auto"  # "auto" | "cpu" | "device": where the calibration activations live
 
     def __post_init__(self) -> None:
+        from .allocation import ALLOCATIONS
+        from .options import make_options
         from .scorers import SCORERS  # validated here so a bad config never reaches the model
+        from .targets import TARGETS
 
-        SCORERS.get(self.method)
+        scorer = SCORERS.get(self.method)
         pat = Pattern.parse(self.pattern, self.sparsity)
         if self.comparison_group is not None and self.comparison_group not in COMPARISON_GROUPS:
             raise LLMPruneError(
                 f"unknown comparison group {self.comparison_group!r}; known: {', '.join(COMPARISON_GROUPS)}"
             )
-        if self.ria_alpha < 0 or math.isnan(self.ria_alpha):
-            raise LLMPruneError(f"ria_alpha must be >= 0, got {self.ria_alpha}")
-        if self.sparsegpt_blocksize < 1:
-            raise LLMPruneError(f"sparsegpt_blocksize must be >= 1, got {self.sparsegpt_blocksize}")
-        if pat.kind == "nm" and self.sparsegpt_blocksize % pat.m:
-            raise LLMPruneError(f"sparsegpt_blocksize {self.sparsegpt_blocksize} must be a multiple of M={pat.m}")
-        if not (self.sparsegpt_percdamp > 0.0):
-            raise LLMPruneError(f"sparsegpt_percdamp must be > 0, got {self.sparsegpt_percdamp}")
+        object.__setattr__(self, "options", make_options(scorer.Options, self.options, self.method))
+        scorer.check_options(self.options, pat)
+        ALLOCATIONS.get(self.allocation)
+        target = TARGETS.get(self.target)
+        if target.unit_kind not in scorer.unit_kinds:
+            raise LLMPruneError(f"method {self.method} decides on {', '.join(scorer.unit_kinds)} units; target "
+                                f"{self.target} removes {target.unit_kind} units")
         if self.batch_size is not None and self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.offload_activations not in ("auto", "cpu", "device"):
@@ -110,9 +89,33 @@ class PruneConfig(_DictMixin):
                 f"offload_activations must be auto, cpu or device, got {self.offload_activations!r}"
             )
 
+    @classmethod
+    def known_keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)] + sorted(_flat_options())
+
+    def __getattr__(self, name: str) -> Any:
+        # `cfg.ria_alpha`: an option by its flat key (the method's value, another method's default)
+        hit = _flat_options().get(name) if not name.startswith("_") else None
+        if hit is None:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+        method, option = hit
+        if method == self.__dict__.get("method") and self.__dict__.get("options") is not None:
+            return getattr(self.__dict__["options"], option)
+        from .scorers import SCORERS
+
+        return getattr(SCORERS.get(method).Options(), option)
+
     @property
     def pattern_spec(self) -> Pattern:
         return Pattern.parse(self.pattern, self.sparsity)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration windows: the scorer's statistics or the allocation's pre-pass."""
+        from .allocation import ALLOCATIONS
+        from .scorers import SCORERS
+
+        return SCORERS.get(self.method).needs_calibration() or bool(ALLOCATIONS.get(self.allocation).prepass)
 
     @property
     def group(self) -> str:
@@ -126,6 +129,71 @@ class PruneConfig(_DictMixin):
         weights of a row compete (e.g. "per-4-block" for 2:4), whatever `comparison_group` says."""
         pat = self.pattern_spec
         return self.group if pat.kind == "unstructured" else f"per-{pat.m}-block"
+
+
+def _flat_options() -> dict[str, tuple[str, str]]:
+    """Flat key -> (method, option) for every option of every registered method ("ria_alpha" -> ("ria", "alpha"))."""
+    from .options import flat_key, option_specs
+    from .scorers import SCORERS
+
+    out: dict[str, tuple[str, str]] = {}
+    reserved = {f.name for f in fields(PruneConfig)}
+    for method in SCORERS.names():
+        for spec in option_specs(SCORERS.get(method).Options):
+            key = flat_key(method, spec.name)
+            if key in reserved or key in out:
+                raise ValueError(f"option {spec.name} of method {method}: its key {key} is already taken")
+            out[key] = (method, spec.name)
+    return out
+
+
+def _fold_flat_options(method: str, options: Any, flat: dict[str, Any]) -> Any:
+    """The `options` of `method` with its flat keys folded in; other methods' flat keys validated and dropped."""
+    from .options import make_options, options_dict
+    from .scorers import SCORERS
+
+    table = _flat_options()
+    unknown = sorted(k for k in flat if k not in table)
+    if unknown:
+        raise TypeError(f"PruneConfig got unexpected keyword argument(s) {', '.join(unknown)}")
+    own = {}
+    for key, value in flat.items():
+        m, option = table[key]
+        if m == method:
+            own[option] = value
+            continue
+        cls = SCORERS.get(m).Options
+        checked = getattr(make_options(cls, {option: value}, m), option)
+        if checked != getattr(cls(), option):
+            log.warning("%s is an option of method %s: ignored for method %s", key, m, method)
+    if not own:
+        return options
+    given = options_dict(options)
+    twice = sorted(k for k in own if k in given and given[k] != own[k])
+    if twice:
+        raise LLMPruneError(f"{', '.join(f'{method}_{k}' for k in twice)} given twice, as a key and in options, "
+                            "with different values")
+    return {**given, **own}
+
+
+_generated_init = PruneConfig.__init__
+
+
+@functools.wraps(_generated_init)
+def _init_with_flat_options(self, *args, **kwargs) -> None:
+    flat = {k: kwargs.pop(k) for k in list(kwargs) if k not in _PRUNE_FIELDS}
+    if flat:
+        method = kwargs.get("method", args[0] if args else PruneConfig.method)
+        opts = args[4] if len(args) > 4 else kwargs.pop("options", None)
+        if len(args) > 4:
+            args = args[:4] + (_fold_flat_options(method, opts, flat),) + args[5:]
+        else:
+            kwargs["options"] = _fold_flat_options(method, opts, flat)
+    _generated_init(self, *args, **kwargs)
+
+
+_PRUNE_FIELDS = frozenset(f.name for f in fields(PruneConfig))
+PruneConfig.__init__ = _init_with_flat_options  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)

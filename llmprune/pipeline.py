@@ -103,7 +103,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
         block_cfg.blocks_to_remove(len(find_blocks(model)))  # refuse K >= blocks before any work
     calibration = None
-    if block_cfg is not None or SCORERS.get(prune_cfg.method).needs != "none":
+    if block_cfg is not None or prune_cfg.needs_calibration:
         t = time.perf_counter()
         vocab = model.get_input_embeddings().weight.shape[0]
         calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab, model_config=model.config)
@@ -367,7 +367,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     dense_model, tok = loaded.model, loaded.tokenizer
     calibration = None
-    if any(SCORERS.get(m).needs != "none" for m in methods):
+    if any(SCORERS.get(m).needs_calibration() for m in methods):
         calibration = load_calibration(calib_cfg, tok, vocab_size=dense_model.get_input_embeddings().weight.shape[0],
                                        model_config=dense_model.config)
     records = [{"method": "dense", "pattern": "unstructured", "sparsity": 0.0,

@@ -75,9 +75,7 @@ def _hub_reachable(model: str) -> tuple[bool, str]:
 
 def _calibration_availability(recipe: Recipe) -> tuple[bool, str]:
     """A calibration file named by a recipe must exist (named datasets are checked when they load)."""
-    from .scorers import SCORERS
-
-    needs = recipe.blocks is not None or (recipe.prune is not None and SCORERS.get(recipe.prune.method).needs != "none")
+    needs = recipe.blocks is not None or (recipe.prune is not None and recipe.prune.needs_calibration)
     src = Path(recipe.calibration.source).expanduser()
     if needs and src.suffix and not src.exists():
         return False, f"calibration file {recipe.calibration.source} not found (relative paths: from here, then data_dir)"

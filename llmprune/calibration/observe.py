@@ -16,69 +16,22 @@ import contextlib
 import torch
 from torch import nn
 
-from ..scorers.base import LayerStats
-
-# tokens per chunk when upcasting inputs for the Hessian, to bound the float32 copy
-_CHUNK = 8192
-_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm(..., out_dtype=float32) works on this CUDA build (cached)
+from ..stats import LayerStats, _hessian_update, add_to_stats, check_needs  # noqa: F401  (re-exported)
 
 
 class StopBlockForward(Exception):
     """Raised by a hook to end a block's forward early; the block runner skips that batch's output."""
 
 
-def _hessian_update(h: torch.Tensor, x2: torch.Tensor) -> None:
-    """h += x2^T x2 in float32, exactly as with float32 inputs.
-
-    On CUDA with bf16/fp16 inputs the products of the 8/11-bit mantissas are exact and the matrix units
-    accumulate in float32, so a half-precision matmul with float32 output equals the float32 matmul up to
-    summation order, at the matrix units' rate instead of the float32 rate (~15x slower). Where torch lacks
-    that (`torch.mm(..., out_dtype=)`), the inputs are upcast; no global TF32 flag is touched."""
-    half = x2.dtype in (torch.bfloat16, torch.float16) and x2.is_cuda
-    if half and _MM_OUT_DTYPE != [False]:
-        step, start = 4 * _CHUNK, 0
-        if not _MM_OUT_DTYPE:  # first use: find out on one chunk, before anything is added to h
-            c = x2[:step]
-            try:
-                first = torch.mm(c.t(), c, out_dtype=torch.float32)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except (RuntimeError, TypeError):
-                _MM_OUT_DTYPE[:] = [False]
-            else:
-                _MM_OUT_DTYPE[:] = [True]
-                h.add_(first)
-                start = step
-        if _MM_OUT_DTYPE == [True]:
-            for i in range(start, x2.shape[0], step):
-                c = x2[i : i + step]
-                h.add_(torch.mm(c.t(), c, out_dtype=torch.float32))
-            return
-    for i in range(0, x2.shape[0], _CHUNK):  # float32 matmuls, under the user's own TF32 setting
-        c = x2[i : i + _CHUNK].float()
-        h.addmm_(c.t(), c)
-
-
-def add_to_stats(stats: LayerStats, x: torch.Tensor, need: str) -> None:
-    """Accumulate the inputs x (..., in) of a layer: sum of squares per input feature, or X^T X."""
-    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    stats.ntokens += x2.shape[0]
-    stats.nsamples += x.shape[0] if x.dim() > 2 else 1
-    if need == "sqnorm":
-        sq = torch.linalg.vector_norm(x2, ord=2, dim=0, dtype=torch.float32).square_()  # (in,)
-        stats.sqnorm = sq if stats.sqnorm is None else stats.sqnorm.add_(sq)
-    elif need == "hessian":
-        if stats.hessian is None:
-            stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-        _hessian_update(stats.hessian, x2)
-
-
 @contextlib.contextmanager
-def observe(block: nn.Module, layers: dict[str, nn.Module], need: str, stop_early: bool = False):
-    """Within the context, every forward of `block` adds each layer's inputs to `stats[name]` (yielded).
+def observe(block: nn.Module, layers: dict[str, nn.Module], need: str | tuple[str, ...], stop_early: bool = False):
+    """Within the context, every forward of `block` adds each layer's inputs to `stats[name]` (yielded): the
+    registered statistics named by `need` (`llmprune.stats`: "sqnorm", "hessian" or a tuple of names), each
+    accumulated by its collector.
 
     `stop_early`: after the first forward, end each forward at the last linear layer (StopBlockForward); the
     caller must catch it and must not need the block's outputs."""
+    need = check_needs(need)
     stats: dict[str, LayerStats] = {}
     last: list = [None, None]  # the last input tensor seen in this forward of the block, and its stats
     order: list[str] = []  # layers in the order they ran during the first forward

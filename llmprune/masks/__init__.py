@@ -5,10 +5,52 @@ Pure functions on tensors: they never see a model, a hook or a scorer.
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
+
 import torch
 
-from ..config import Pattern
 from ..errors import LLMPruneError
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Where zeros may go: unstructured (a fraction of each comparison group) or N:M (at most N non-zeros in
+    every M consecutive weights along the input dimension of each row)."""
+
+    kind: str  # "unstructured" | "nm"
+    sparsity: float  # fraction of weights set to zero
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, pattern: str, sparsity: float | None) -> "Pattern":
+        if pattern == "unstructured":
+            s = 0.5 if sparsity is None else float(sparsity)
+            if not (0.0 <= s < 1.0) or math.isnan(s):
+                raise LLMPruneError(f"sparsity must be in [0, 1), got {sparsity}")
+            return cls("unstructured", s)
+        m = _NM.match(pattern)
+        if not m:
+            raise LLMPruneError(
+                f"unknown pattern {pattern!r}; known: unstructured, N:M with N < M (e.g. 2:4, 4:8)"
+            )
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not (1 <= n < mm):
+            raise LLMPruneError(f"pattern {pattern}: N:M needs 1 <= N < M, got N={n}, M={mm}")
+        implied = 1.0 - n / mm
+        if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
+            raise LLMPruneError(
+                f"pattern {pattern} fixes the sparsity at {implied:g}; drop --sparsity or set it to {implied:g}"
+            )
+        return cls("nm", implied, n, mm)
+
+    @property
+    def name(self) -> str:
+        return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
 
 
 def lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -80,4 +122,4 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nz <= n).all())
 
 
-__all__ = ["lowest_k", "unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]
+__all__ = ["Pattern", "lowest_k", "unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]

@@ -1,7 +1,10 @@
 """The scorer interface and its registry.
 
 A scorer turns a weight (out_features, in_features) and the statistics of that layer's calibration inputs
-into a prune mask; scorers that also update the surviving weights (SparseGPT) return the new weight.
+into a prune mask; scorers that also update the surviving weights (SparseGPT) return the new weight. It names
+the statistics it reads (`needs`, registered in `llmprune.stats`) and carries its options as a frozen
+dataclass (`Options`), from which the CLI flags, config keys and the card's command are generated
+(`llmprune.options`).
 """
 
 from __future__ import annotations
@@ -10,19 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Pattern
-from ..masks import select_mask
+from ..masks import Pattern, select_mask
+from ..options import NoOptions, check_options_class
 from ..registry import Registry
-
-
-@dataclass
-class LayerStats:
-    """Float32 statistics of a linear layer's inputs X (tokens x in_features), summed over calibration tokens."""
-
-    sqnorm: torch.Tensor | None = None  # (in,) sum_t x_tj^2 = ||X_j||_2^2
-    hessian: torch.Tensor | None = None  # (in, in) sum_t x_t x_t^T
-    ntokens: int = 0
-    nsamples: int = 0  # calibration windows (sequences)
+from ..stats import LayerStats, check_needs, pass_for
 
 
 @dataclass
@@ -32,14 +26,29 @@ class PruneResult:
 
 
 class Scorer:
-    """Base class. `needs` names the input statistics: "none", "sqnorm" or "hessian"."""
+    """Base class. `needs`: the registered statistics it reads, e.g. ("sqnorm",), () for none. `Options`: its
+    frozen options dataclass; the instance for a run is `self.options`. `unit_kinds`: what it can decide on
+    (`llmprune.targets`): "weight" (single weights, through masks)."""
 
     name: str = ""
-    needs: str = "none"
+    needs: tuple[str, ...] = ()
+    Options: type = NoOptions
     default_group: str = "per-row"
+    unit_kinds: tuple[str, ...] = ("weight",)
 
     def __init__(self, config=None):
         self.config = config
+        opts = getattr(config, "options", None)
+        self.options = opts if isinstance(opts, self.Options) else self.Options()
+
+    @classmethod
+    def needs_calibration(cls) -> bool:
+        """Whether its statistics need a pass over calibration windows."""
+        return pass_for(cls.needs) != "none"
+
+    @classmethod
+    def check_options(cls, options, pattern: Pattern) -> None:
+        """Checks of the options against the pattern (the options' own checks are in their __post_init__)."""
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:  # (out, in)
         raise NotImplementedError
@@ -56,5 +65,16 @@ SCORERS: Registry[type[Scorer]] = Registry("method")
 
 
 def register_scorer(name: str):
-    """Class decorator: `@register_scorer("wanda")` beside the class."""
-    return SCORERS.register_class(name)
+    """Class decorator: `@register_scorer("wanda")` beside the class. Checks what a newcomer may get wrong at
+    registration: unknown statistics in `needs` (with a did-you-mean), an Options class that is not a frozen
+    dataclass of supported types with defaults."""
+
+    def deco(cls: type[Scorer]) -> type[Scorer]:
+        cls.needs = check_needs(cls.needs, f"method {name!r}")
+        check_options_class(cls.Options, f"method {name!r}")
+        return SCORERS.register_class(name)(cls)
+
+    return deco
+
+
+__all__ = ["SCORERS", "LayerStats", "PruneResult", "Scorer", "register_scorer"]

@@ -14,7 +14,7 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("magnitude")
 class Magnitude(Scorer):
-    needs = "none"
+    needs = ()
     default_group = "per-layer"
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:

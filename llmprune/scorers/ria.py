@@ -3,8 +3,12 @@ S_ij = (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ^ a, with a =
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
+from ..errors import LLMPruneError
 from .base import LayerStats, Scorer, register_scorer
 
 
@@ -18,11 +22,21 @@ def ria_scores(weight: torch.Tensor, sqnorm: torch.Tensor, alpha: float = 0.5) -
     return ri * sqnorm.float().sqrt().pow(alpha).unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class RIAOptions:
+    alpha: float = field(default=0.5, metadata={"help": "RIA activation exponent a",
+                                                "label": "RIA activation exponent a"})
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or math.isnan(self.alpha):
+            raise LLMPruneError(f"ria_alpha must be >= 0, got {self.alpha}")
+
+
 @register_scorer("ria")
 class RIA(Scorer):
-    needs = "sqnorm"
+    needs = ("sqnorm",)
+    Options = RIAOptions
     default_group = "per-layer"
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        alpha = self.config.ria_alpha if self.config is not None else 0.5
-        return ria_scores(weight, stats.sqnorm, alpha)
+        return ria_scores(weight, stats.sqnorm, self.options.alpha)

@@ -9,12 +9,12 @@ the upper Cholesky factor of H^-1, so the surviving weights reconstruct the laye
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Pattern
 from ..errors import LLMPruneError
-from ..masks import apply_mask_, lowest_k
+from ..masks import Pattern, apply_mask_, unstructured_mask
 from . import sparsegpt_triton
 from .base import LayerStats, PruneResult, Scorer, register_scorer
 
@@ -105,19 +105,12 @@ class _GraphedColumns:
         return self.W1t, self.mask_t, self.Err1t  # valid until the next call
 
 
-def _lazy_block_mask(sal: torch.Tensor, sparsity: float, group: str, along: int) -> torch.Tensor:
-    """The pruned weights of one lazy block from their saliencies (`along`: the block's column dimension):
-    the int(sparsity * size) lowest of the block (`per-layer`) or of each row's block columns (`per-row`)."""
-    mask = torch.zeros_like(sal, dtype=torch.bool)
+def _lazy_block_mask_t(sal_t: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    """The unstructured mask of one lazy block from its saliencies in transposed layout, sal_t (count, out):
+    `per-layer` compares the block's weights in this layout's order, `per-row` each output row (a column here)."""
     if group == "per-layer":
-        k = int(sal.numel() * sparsity)
-        if k:
-            mask.view(-1)[lowest_k(sal.reshape(-1), k, 0)] = True
-    else:
-        k = int(sal.shape[along] * sparsity)
-        if k:
-            mask.scatter_(along, lowest_k(sal, k, along), True)
-    return mask
+        return unstructured_mask(sal_t, sparsity, group)
+    return unstructured_mask(sal_t.t(), sparsity, group).t()
 
 
 def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Tensor:
@@ -131,7 +124,7 @@ def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Ten
         mask[:, i1:i2] = mk
         return err
     sal = W[:, i1:i2].square() * inv_d.square()  # (out, count): w^2 / [H^-1]_jj^2
-    mask1 = _lazy_block_mask(sal, pattern.sparsity, group, along=1)
+    mask1 = unstructured_mask(sal, pattern.sparsity, group)
     scale = torch.where(mask1, inv_d, 0.0)  # (out, count): [pruned] / d
     err, _ = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, scale, None)
     mask[:, i1:i2] = mask1
@@ -179,7 +172,7 @@ def sparsegpt_prune(
         scale_t = torch.zeros_like(W1t)
         if not nm:
             sal = W1t.square() * inv_d.square().unsqueeze(1)  # (count, out): w^2 / [H^-1]_jj^2
-            mask_t = _lazy_block_mask(sal, pattern.sparsity, group, along=0)
+            mask_t = _lazy_block_mask_t(sal, pattern.sparsity, group)
             torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
         Hs = Hinv1.triu(1)
         graph = None
@@ -205,10 +198,29 @@ def sparsegpt_prune(
     return PruneResult(mask=mask, weight=W)
 
 
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    blocksize: int = field(default=128, metadata={"help": "columns per lazy block", "label": "SparseGPT block size"})
+    percdamp: float = field(default=0.01, metadata={"help": "dampening, a fraction of the Hessian's mean diagonal",
+                                                    "label": "SparseGPT dampening"})
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise LLMPruneError(f"sparsegpt_blocksize must be >= 1, got {self.blocksize}")
+        if not (self.percdamp > 0.0):
+            raise LLMPruneError(f"sparsegpt_percdamp must be > 0, got {self.percdamp}")
+
+
 @register_scorer("sparsegpt")
 class SparseGPT(Scorer):
-    needs = "hessian"
+    needs = ("hessian",)
+    Options = SparseGPTOptions
     default_group = "per-layer"
+
+    @classmethod
+    def check_options(cls, options: SparseGPTOptions, pattern: Pattern) -> None:
+        if pattern.kind == "nm" and options.blocksize % pattern.m:
+            raise LLMPruneError(f"sparsegpt_blocksize {options.blocksize} must be a multiple of M={pattern.m}")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -218,8 +230,7 @@ class SparseGPT(Scorer):
     def inverse_hessian(self, stats: LayerStats):
         # Layers that read the same input (q/k/v, gate/up) share one LayerStats: factor its Hessian once.
         if self._cached is None or self._cached[0] is not stats:
-            percdamp = self.config.sparsegpt_percdamp if self.config is not None else 0.01
-            self._cached = (stats, sparsegpt_inverse_hessian(stats.hessian, percdamp))
+            self._cached = (stats, sparsegpt_inverse_hessian(stats.hessian, self.options.percdamp))
         return self._cached[1]
 
     def end_block(self) -> None:
@@ -229,5 +240,4 @@ class SparseGPT(Scorer):
         if pattern.kind == "unstructured" and pattern.sparsity == 0:
             return PruneResult(torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))  # a no-op
         hinv, dead = self.inverse_hessian(stats)
-        blocksize = self.config.sparsegpt_blocksize if self.config is not None else 128
-        return sparsegpt_prune(weight, hinv, dead, pattern, group, blocksize, self._graphs)
+        return sparsegpt_prune(weight, hinv, dead, pattern, group, self.options.blocksize, self._graphs)

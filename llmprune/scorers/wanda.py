@@ -14,7 +14,7 @@ def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("wanda")
 class Wanda(Scorer):
-    needs = "sqnorm"
+    needs = ("sqnorm",)
     default_group = "per-row"
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
