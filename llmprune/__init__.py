@@ -5,8 +5,9 @@
 """
 
 from .calibration import CalibrationData, load_calibration
-from .config import CalibrationConfig, EvalConfig, Pattern, PruneConfig
+from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .errors import LLMPruneError
+from .masks import Pattern
 from .pruner import PruneReport, prune
 from .scorers import SCORERS, register_scorer
 

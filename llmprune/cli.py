@@ -61,9 +61,9 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
     g.add_argument("--comparison-group", default=None, choices=None,
                    help="per-row or per-layer (default: the method's reference: magnitude per-layer, wanda per-row, ria per-layer, sparsegpt per-layer)")
-    g.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent a (default 0.5)")
-    g.add_argument("--sparsegpt-blocksize", type=int, default=128)
-    g.add_argument("--sparsegpt-percdamp", type=float, default=0.01)
+    from .options import add_option_flags
+
+    add_option_flags(g, _method_options())  # --<method>-<option>, generated from each scorer's Options
     g.add_argument("--batch-size", type=int, default=None, help="calibration windows per block forward (default: ~16k tokens)")
     g.add_argument("--offload-activations", default="auto", help="auto, cpu or device: where calibration activations live")
     g.add_argument("--logits-budget-mb", type=_positive_mb, default=None,
@@ -108,6 +108,12 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the full record as JSON")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     return p
+
+
+def _method_options() -> list[tuple[str, type]]:
+    from .scorers import SCORERS
+
+    return [(m, SCORERS.get(m).Options) for m in SCORERS.names()]
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -158,9 +164,11 @@ def cmd_prune(argv: list[str]) -> int:
                                      num_blocks=a.drop_blocks, ratio=a.drop_ratio, protect=protect,
                                      iterative=a.iterative, device=a.device, batch_size=a.batch_size,
                                      logits_budget_mb=a.logits_budget_mb)
+    from .options import options_from_args
+
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
-        ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
+        **options_from_args(a, a.method, _method_options()),
         device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)

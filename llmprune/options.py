@@ -158,7 +158,7 @@ def add_option_flags(group, parts: Iterable[tuple[str, type]]) -> None:
             if s.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
-                kw["type"] = s.type
+                kw["type"], kw["metavar"] = s.type, s.type.__name__.upper()
                 if s.choices:
                     kw["choices"] = s.choices
             group.add_argument(flag(method, s.name), dest=flat_key(method, s.name), **kw)

@@ -5,7 +5,8 @@ A recipe file holds one cell:
     name: llama2-7b_wanda_50          # optional in a one-cell file (default: the file's stem)
     model: meta-llama/Llama-2-7b-hf   # Hub id, local folder, .gguf file, or null (the embedded SmolLM2)
     dtype: auto                       # optional: auto, float32, float16, bfloat16
-    prune: {method: wanda, sparsity: 0.5, pattern: unstructured}   # PruneConfig keys, or null
+    prune: {method: wanda, sparsity: 0.5, pattern: unstructured}   # PruneConfig keys, or null; a method's
+                                      # options as `options: {alpha: 0.25}` or flat (`ria_alpha: 0.25`)
     blocks: {method: block-influence, num_blocks: 9}               # BlockPruneConfig keys (optional)
     calibration: {source: c4, nsamples: 128, seqlen: 4096, seed: 0}  # CalibrationConfig keys
     eval: {datasets: [wikitext2], seqlen: 4096}                      # EvalConfig keys, or null
@@ -263,7 +264,7 @@ def _plain(d: dict) -> dict:
 def _section(cls_, value, where: str):
     if not isinstance(value, Mapping):
         raise LLMPruneError(f"{where}: expected a mapping of {cls_.__name__} keys, got {type(value).__name__}")
-    known = {f.name for f in fields(cls_)}
+    known = set(cls_.known_keys()) if hasattr(cls_, "known_keys") else {f.name for f in fields(cls_)}
     unknown = sorted(set(value) - known)
     if unknown:
         raise LLMPruneError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

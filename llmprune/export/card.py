@@ -45,7 +45,6 @@ ZERO_SHOT = {
 METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA",
                 "block-influence": "Block Influence (ShortGPT)", "block-ppl": "perplexity criterion (Shortened LLaMA)",
                 "block-kl": "KL divergence"}
-CLI_DEFAULTS = {"ria_alpha": 0.5, "sparsegpt_blocksize": 128, "sparsegpt_percdamp": 0.01}
 
 
 # ---------------------------------------------------------------- what the record says
@@ -108,6 +107,30 @@ def _target_sparsity(prune: Mapping) -> float:
     return Pattern.parse(_pattern_name(prune), prune.get("sparsity")).sparsity
 
 
+def _method_options(prune: Mapping) -> dict[str, Any]:
+    """The method's options as recorded (`options`, or an older record's flat keys such as `ria_alpha`), with
+    the defaults of the method's Options dataclass where missing."""
+    from ..options import recorded_options
+    from ..scorers import SCORERS
+
+    method = prune["method"]
+    return recorded_options(SCORERS.get(method).Options if method in SCORERS else None, method, prune)
+
+
+def _option_rows(prune: Mapping) -> list[list[str]]:
+    """Card table rows of the method's options, labelled by each field's `metadata["label"]`."""
+    from ..options import option_specs
+    from ..scorers import SCORERS
+
+    method = prune["method"]
+    specs = {s.name: s for s in option_specs(SCORERS.get(method).Options)} if method in SCORERS else {}
+    rows = []
+    for name, value in _method_options(prune).items():
+        label = specs[name].label if name in specs else f"{_method_label(method)} {name}"
+        rows.append([label, f"{value:g}" if isinstance(value, float) else str(value)])
+    return rows
+
+
 def _pattern_tag(pattern: str) -> str:
     """A Hub tag for a sparsity pattern, without ':' (the Hub reads "a:b" tags as namespaced): 2:4 -> sparsity-2of4."""
     if pattern == "unstructured":
@@ -148,11 +171,9 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", 
                  "--pattern", _pattern_name(prune)]
         if prune.get("comparison_group"):
             args += ["--comparison-group", prune["comparison_group"]]
-        if prune["method"] == "ria" or prune.get("ria_alpha", 0.5) != CLI_DEFAULTS["ria_alpha"]:
-            args += ["--ria-alpha", f"{prune.get('ria_alpha', 0.5):g}"]
-        for key in ("sparsegpt_blocksize", "sparsegpt_percdamp"):
-            if prune.get(key, CLI_DEFAULTS[key]) != CLI_DEFAULTS[key]:
-                args += ["--" + key.replace("_", "-"), f"{prune[key]:g}"]
+        from ..options import option_args
+
+        args += option_args(prune["method"], _method_options(prune))  # every option of the method, explicitly
     if blocks:
         if not prune:
             args += ["--method", blocks["method"]]
@@ -454,11 +475,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         if _finite(record.get("sparsity")):
             rows.append(["measured sparsity (blocks' linear layers)", f"{100 * record['sparsity']:.2f} %"])
         rows.append(["comparison group", _group_label(prune, (record.get("resolved") or {}).get("comparison_group"))])
-        if prune["method"] == "ria":
-            rows.append(["RIA activation exponent a", f"{prune.get('ria_alpha', 0.5):g}"])
-        if prune["method"] == "sparsegpt":
-            rows += [["SparseGPT block size", str(prune.get("sparsegpt_blocksize"))],
-                     ["SparseGPT dampening", f"{prune.get('sparsegpt_percdamp'):g}"]]
+        rows += _option_rows(prune)
     if blocks:
         b = record.get("blocks") or {}
         rows += [["block method", _method_label(blocks["method"])],

@@ -1,4 +1,5 @@
-"""Mask patterns: scores in, boolean prune-mask out (True = set to zero); and writing exact zeros.
+"""Mask patterns: scores in, boolean prune-mask out (True = set to zero); and writing exact zeros. `Pattern`
+(unstructured or N:M, with its sparsity) is the small type the rest of the package names a pattern by.
 
 Pure functions on tensors: they never see a model, a hook or a scorer.
 """
