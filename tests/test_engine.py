@@ -317,3 +317,15 @@ def test_a_target_of_other_units_is_refused_for_a_weight_scorer():
         PruneConfig(target="maks")
     with pytest.raises(LLMPruneError, match=r"unknown allocation 'uniforn' \(did you mean 'uniform'\?\)"):
         PruneConfig(allocation="uniforn")
+
+
+def test_sparsegpt_lazy_blocks_use_the_masks_room_in_either_layout():
+    from llmprune.masks import unstructured_mask
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randperm(6 * 10, generator=g).float().reshape(6, 10)  # (out, in), no ties
+    for group in ("per-row", "per-layer"):
+        m = unstructured_mask(s, 0.5, group)
+        assert int(m.sum()) == 30 and (group == "per-layer" or bool((m.sum(1) == 5).all()))
+    row = unstructured_mask(s, 0.3, "per-row")
+    assert torch.equal(unstructured_mask(s.t().contiguous(), 0.3, "per-row", dim=0), row.t())  # (in, out) layout

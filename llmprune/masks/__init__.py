@@ -64,20 +64,22 @@ def lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, k)
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row") -> torch.Tensor:
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row", dim: int = 1) -> torch.Tensor:
     """Prune the `int(sparsity * size)` lowest scores of each comparison group.
 
     `per-row`: each output row competes alone (Wanda's choice); `per-layer`: the whole matrix competes
     (magnitude pruning, RIA). Exactly k weights are pruned even with ties; `torch.topk` (several times faster
     than a full sort) or a stable sort picks them, deterministically for a given input on a given device.
+    `dim`: the input dimension of `scores`, 1 for (out, in); 0 for scores laid out (in, out) (SparseGPT's
+    transposed lazy blocks), whose per-row groups are then its columns.
     """
-    # scores: (out_features, in_features)
+    # scores: (out_features, in_features), or (in, out) with dim=0
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if group == "per-row":
-        k = int(scores.shape[1] * sparsity)
+        k = int(scores.shape[dim] * sparsity)
         if k:
-            idx = lowest_k(scores, k, dim=1)  # (out, k)
-            mask.scatter_(1, idx, True)
+            idx = lowest_k(scores, k, dim=dim)  # (out, k)
+            mask.scatter_(dim, idx, True)
     elif group == "per-layer":
         k = int(scores.numel() * sparsity)
         if k:

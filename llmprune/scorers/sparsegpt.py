@@ -105,14 +105,6 @@ class _GraphedColumns:
         return self.W1t, self.mask_t, self.Err1t  # valid until the next call
 
 
-def _lazy_block_mask_t(sal_t: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
-    """The unstructured mask of one lazy block from its saliencies in transposed layout, sal_t (count, out):
-    `per-layer` compares the block's weights in this layout's order, `per-row` each output row (a column here)."""
-    if group == "per-layer":
-        return unstructured_mask(sal_t, sparsity, group)
-    return unstructured_mask(sal_t.t(), sparsity, group).t()
-
-
 def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Tensor:
     """One lazy block through the Triton kernel (W updated in place, mask filled); returns its errors."""
     count = i2 - i1
@@ -172,7 +164,7 @@ def sparsegpt_prune(
         scale_t = torch.zeros_like(W1t)
         if not nm:
             sal = W1t.square() * inv_d.square().unsqueeze(1)  # (count, out): w^2 / [H^-1]_jj^2
-            mask_t = _lazy_block_mask_t(sal, pattern.sparsity, group)
+            mask_t = unstructured_mask(sal, pattern.sparsity, group, dim=0)  # inputs along dim 0 here
             torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
         Hs = Hinv1.triu(1)
         graph = None
