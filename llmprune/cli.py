@@ -444,9 +444,7 @@ def _add_eval_options(p, *, tasks: tuple[str, ...], eval_seqlen: int | None, max
     p.add_argument("--limit", type=_positive_int, default=None, help="zero-shot examples per task (default: all)")
 
 
-def cmd_eval(argv: list[str]) -> int:
-    from .pipeline import run_eval_job
-
+def build_eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune eval", description="Evaluate a model: perplexity and zero-shot accuracy.")
     _add_common(p)
     _add_eval_options(p, tasks=("wikitext2",), eval_seqlen=2048, max_windows=None, seqlen_alias=True)
@@ -460,7 +458,13 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--sparse-kernels", action="store_true",
                    help="run 2:4 layers on sparse tensor cores where measured faster (GPU, bf16/fp16; cuSPARSELt)")
     p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
-    a = _parse(p, argv)
+    return p
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .pipeline import run_eval_job
+
+    a = _parse(build_eval_parser(), argv)
     rec = run_eval_job(a.model, a.tasks, seqlen=a.eval_seqlen, batch_size=a.batch_size, limit=a.limit,
                        device=a.device, dtype=a.dtype, data_dir=a.data_dir, max_windows=a.eval_max_windows,
                        output_dir=a.output_dir, compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos,
@@ -489,10 +493,7 @@ magnitude,wanda,ria,sparsegpt --sparsities 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8 --nsa
 --eval-max-windows all (32 runs at full size: hours on a CPU)."""
 
 
-def cmd_sweep(argv: list[str]) -> int:
-    from .config import CalibrationConfig
-    from .pipeline import run_sweep
-
+def build_sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune sweep", description=SWEEP_DESCRIPTION)
     _add_common(p)
     p.add_argument("--methods", type=_names, default=("magnitude", "wanda"),
@@ -512,7 +513,14 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
     p.add_argument("--output-dir", type=_folder, default="sweep", help="folder for sweep.json, sweep.md and the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    a = _parse(p, argv)
+    return p
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from .config import CalibrationConfig
+    from .pipeline import run_sweep
+
+    a = _parse(build_sweep_parser(), argv)
     nsamples, seqlen = _calibration_shape(a.calib_data, a.nsamples, a.seqlen, 32, 512)
     try:
         sparsities = [float(x) for x in a.sparsities]
@@ -530,9 +538,7 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
-def cmd_push(argv: list[str]) -> int:
-    from .export import push_folder
-
+def build_push_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune push", description="Upload a pruned folder (with a model card) to the Hub.")
     p.add_argument("folder", help="the folder to upload (a prune --output-dir)")
     p.add_argument("repo_id", help="the Hub repository, e.g. me/smollm2-wanda50")
@@ -546,7 +552,13 @@ def cmd_push(argv: list[str]) -> int:
     p.add_argument("--base-model", default=None, metavar="HUB_ID", help="the card's base_model: the Hub id of the model pruned (default: as recorded)")
     p.add_argument("--license", default=None, metavar="ID", help="the card's license (default: as recorded, else `other`)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
-    a = p.parse_args(argv)
+    return p
+
+
+def cmd_push(argv: list[str]) -> int:
+    from .export import push_folder
+
+    a = build_push_parser().parse_args(argv)
     dry_dir = a.output_dir
     if isinstance(a.dry_run, str):  # the old spelling: --dry-run DIR
         if not a.dry_run.strip():
@@ -576,9 +588,7 @@ def cmd_push(argv: list[str]) -> int:
     return 0
 
 
-def cmd_reproduce(argv: list[str]) -> int:
-    from .reproduce import reproduce
-
+def build_reproduce_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune reproduce", description="Run a paper table's recipes and compare with the paper.")
     p.add_argument("table", help="a recipe folder or file, e.g. recipes/paper/wanda_llama2")
     p.add_argument("--output-dir", "--out-dir", dest="output_dir", type=_folder, default="reproduce", action=_Store,
@@ -586,7 +596,13 @@ def cmd_reproduce(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
     p.add_argument("--strict", action="store_true", help="fail when a cell's model can't be loaded (default: skip it)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
-    a = _parse(p, argv)
+    return p
+
+
+def cmd_reproduce(argv: list[str]) -> int:
+    from .reproduce import reproduce
+
+    a = _parse(build_reproduce_parser(), argv)
     res = reproduce(a.table, out_dir=a.output_dir, data_dir=a.data_dir, only_available=not a.strict)
     print(res["markdown"])
     print(f"results: {res['results']}\ncomparison: {res['comparison']}")

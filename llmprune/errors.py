@@ -145,5 +145,5 @@ def summary(exc: BaseException, limit: int = 300) -> str:
         return type(exc).__name__
     if len(text) > limit:
         cut = max(text.rfind(". ", 0, limit), text.rfind("; ", 0, limit))
-        text = text[: cut + 1] if cut > limit // 3 else text[: limit].rsplit(" ", 1)[0] + " ..."
+        text = text[: cut + 1] if cut > 0 else text[:limit].rsplit(" ", 1)[0] + " ..."
     return text.rstrip(":")
