@@ -487,10 +487,10 @@ def cmd_eval(argv: list[str]) -> int:
 
 SWEEP_DESCRIPTION = """Prune and evaluate over methods x patterns x sparsities, each point from one dense copy, with
 calibration windows and evaluation texts loaded once; writes sweep.json, sweep.md and plots into --output-dir.
-The defaults are a first look, minutes on a CPU for the default model: 2 methods x 3 sparsities, 32 calibration
-windows of 512 tokens, perplexity on the first 32 windows of 512. The papers' setting: --methods
-magnitude,wanda,ria,sparsegpt --sparsities 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8 --nsamples 128 --seqlen 2048
---eval-max-windows all (32 runs at full size: hours on a CPU)."""
+The defaults are a first look: 2 methods x 3 sparsities (6 prunes and 7 perplexity runs), 32 calibration windows
+of 512 tokens, perplexity on the first 32 windows of 512: the size of the README's CPU quality table for the
+default model. The papers' setting: --methods magnitude,wanda,ria,sparsegpt --sparsities
+0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8 --nsamples 128 --seqlen 2048 --eval-max-windows all (32 full-size runs)."""
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:

@@ -148,6 +148,12 @@ def test_an_empty_model_folder(tmp_path, capsys):
     assert "holds no files" in err and "save_pretrained" in err and "model_type" not in err
 
 
+def test_a_config_without_model_type(tmp_path, capsys):
+    (tmp_path / "nomt").mkdir()
+    (tmp_path / "nomt" / "config.json").write_text("{}")
+    assert "its config.json names no model_type" in _model_error(capsys, str(tmp_path / "nomt"))
+
+
 def test_a_folder_with_several_ggufs_and_no_config(tmp_path, capsys):
     d = tmp_path / "two"
     d.mkdir()
