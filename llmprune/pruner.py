@@ -14,7 +14,7 @@ from .calibration import BlockContext, CalibrationData, observe, run_sequential
 from .calibration.placement import BlockShuttle
 from .calibration.runner import sync_compute
 from .config import PruneConfig
-from .errors import LLMPruneError, memory_step
+from .errors import LLMPruneError, memory_step, step_detail
 from .masks import Pattern
 from .models import find_blocks, resolve_device, weight_oi
 from .progress import progress
@@ -120,6 +120,7 @@ def _each_block(model: nn.Module, process, device: torch.device, desc: str,
     try:
         for i in progress(range(len(blocks)), desc=desc, unit="block", leave=False):
             tb = time.perf_counter()
+            step_detail(f"block {i + 1}/{len(blocks)}")  # named in the one line of an unexpected error
             ctx = BlockContext(i, len(blocks), shuttle.get(i), device, [], [])
             try:
                 process(ctx)
@@ -127,6 +128,7 @@ def _each_block(model: nn.Module, process, device: torch.device, desc: str,
                 shuttle.put(i)
             ctx.timings["total"] = time.perf_counter() - tb
             timings.append(ctx.timings)
+        step_detail(None)
     finally:
         shuttle.close()
         transfers.update(shuttle.transfer_seconds)
