@@ -278,7 +278,7 @@ def test_the_step_names_the_block(tiny_model_dir, token_files, monkeypatch, caps
     import llmprune.pruner as pruner
 
     calls = []
-    real = pruner._prune_layers
+    real = pruner._prune_block
 
     def second_block_fails(*a, **k):
         calls.append(1)
@@ -286,7 +286,7 @@ def test_the_step_names_the_block(tiny_model_dir, token_files, monkeypatch, caps
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(16x32 and 64x32)")
         return real(*a, **k)
 
-    monkeypatch.setattr(pruner, "_prune_layers", second_block_fails)
+    monkeypatch.setattr(pruner, "_prune_block", second_block_fails)
     rc = main(["--model", str(tiny_model_dir), "--method", method, "--calib-data", str(token_files / "t16.pt"),
                "--eval-ppl", "none", *QUIET])
     err = _one_line(capsys.readouterr().err, rc, code=1)
