@@ -48,7 +48,7 @@ class OptionSpec:
 
 def option_specs(options_cls: type) -> tuple[OptionSpec, ...]:
     """The fields of an options dataclass, with their resolved types (checked: see `check_options_class`)."""
-    hints = typing.get_type_hints(options_cls)
+    hints = typing.get_type_hints(options_cls, localns={"Literal": typing.Literal})  # also for a class in a function
     out = []
     for f in dataclasses.fields(options_cls):
         typ, choices = hints[f.name], None
@@ -117,7 +117,7 @@ def make_options(options_cls: type, given: Any, method: str) -> Any:
         return given
     if dataclasses.is_dataclass(given) and not isinstance(given, type):
         raise LLMPruneError(f"options {type(given).__name__} are not the options of method {method!r} "
-                            f"({options_cls.__name__})")
+                            f"({options_cls.__name__}); give its own, or options=None for its defaults")
     if not isinstance(given, Mapping):
         raise LLMPruneError(f"options of method {method!r} must be a mapping of its option names, got {given!r}")
     specs = {s.name: s for s in option_specs(options_cls)}

@@ -329,3 +329,37 @@ def test_sparsegpt_lazy_blocks_use_the_masks_room_in_either_layout():
         assert int(m.sum()) == 30 and (group == "per-layer" or bool((m.sum(1) == 5).all()))
     row = unstructured_mask(s, 0.3, "per-row")
     assert torch.equal(unstructured_mask(s.t().contiguous(), 0.3, "per-row", dim=0), row.t())  # (in, out) layout
+
+
+def test_option_types_generate_flags_that_parse_back():
+    import argparse
+    from typing import Literal
+
+    from llmprune.options import add_option_flags, make_options, option_args, options_dict
+
+    @dataclass(frozen=True)
+    class Opts:
+        steps: int = 3
+        exact: bool = True
+        order: Literal["rows", "columns"] = "rows"
+        scale: float = 0.5
+
+    p = argparse.ArgumentParser()
+    add_option_flags(p, [("my-method", Opts)])
+    assert p.parse_args([]).my_method_steps == 3
+    a = p.parse_args(["--my-method-steps", "7", "--no-my-method-exact", "--my-method-order", "columns",
+                      "--my-method-scale", "0.1"])
+    got = make_options(Opts, {k: getattr(a, f"my_method_{k}") for k in ("steps", "exact", "order", "scale")},
+                       "my-method")
+    assert got == Opts(7, False, "columns", 0.1)
+    back = p.parse_args(option_args("my-method", options_dict(got)))
+    assert (back.my_method_steps, back.my_method_exact, back.my_method_order, back.my_method_scale) == (7, False,
+                                                                                                        "columns", 0.1)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--my-method-order", "diagonal"])
+    with pytest.raises(LLMPruneError, match=r"unknown value of my_method_order 'diag'"):
+        make_options(Opts, {"order": "diag"}, "my-method")
+    with pytest.raises(LLMPruneError, match="my_method_steps must be an int, got 2.5"):
+        make_options(Opts, {"steps": 2.5}, "my-method")
+    with pytest.raises(LLMPruneError, match="my_method_exact must be a bool, got 1"):
+        make_options(Opts, {"exact": 1}, "my-method")
