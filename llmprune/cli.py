@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from .config import SELECTIONS
 from .errors import LLMPruneError
 
 SUBCOMMANDS = ("prune", "eval", "sweep", "push", "reproduce")
@@ -25,6 +26,11 @@ class _Parser(argparse.ArgumentParser):
 
 BOS_HELP = ("BOS policy of calibration and perplexity windows and zero-shot requests: auto (BOS on every window for "
             "models that need it, e.g. Gemma; else the papers' single stream), always, never (default auto)")
+
+
+SELECTION_HELP = ("mask selection: exact (default: exactly int(sparsity x size) weights per comparison group) or "
+                  "reference (the reference code's rule: per-layer every score <= the k-th smallest, ties included; "
+                  "per-row a stable sort; N:M torch.topk)")
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -59,6 +65,7 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
     g.add_argument("--comparison-group", default=None, choices=None,
                    help="per-row or per-layer (default: the method's reference: magnitude per-layer, wanda per-row, ria per-layer, sparsegpt per-layer)")
+    g.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     g.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent a (default 0.5)")
     g.add_argument("--sparsegpt-blocksize", type=int, default=128)
     g.add_argument("--sparsegpt-percdamp", type=float, default=0.01)
@@ -152,7 +159,7 @@ def cmd_prune(argv: list[str]) -> int:
                                      logits_budget_mb=a.logits_budget_mb)
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
-        ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
+        selection=a.selection, ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
         device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
@@ -311,6 +318,7 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--methods", type=_csv, default=("magnitude", "wanda", "ria", "sparsegpt"))
     p.add_argument("--sparsities", type=_csv, default=("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"))
     p.add_argument("--patterns", type=_csv, default=("unstructured",))
+    p.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     p.add_argument("--tasks", type=_csv, default=("wikitext2",))
     p.add_argument("--calib-data", default="c4")
     p.add_argument("--nsamples", type=int, default=128)
@@ -334,7 +342,7 @@ def cmd_sweep(argv: list[str]) -> int:
     data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or a.seqlen,
                      max_windows=a.max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
                      output_dir=a.output_dir, overwrite=a.overwrite, cache_dir=a.cache_dir,
-                     use_cache=not a.no_cache)
+                     use_cache=not a.no_cache, selection=a.selection)
     print(data["table"])
     for kind, path in data["files"].items():
         print(f"{kind}: {path}")
