@@ -159,8 +159,9 @@ def cmd_prune(argv: list[str]) -> int:
                                      logits_budget_mb=a.logits_budget_mb)
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
-        selection=a.selection, ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
-        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
+        ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
+        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
+        selection=a.selection)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None

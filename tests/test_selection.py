@@ -301,7 +301,8 @@ def test_selection_in_the_record_the_card_and_the_reproduce_command():
     assert '"selection": "reference"' in card
     exact = PruneConfig(method="wanda", sparsity=0.5)
     assert "--selection" not in reproduce_command(record(exact))
-    assert "| mask selection | exact: int(sparsity · size) weights of each group" in make_model_card(record(exact)).text
+    exact_card = make_model_card(record(exact)).text
+    assert "| mask selection | exact: int(sparsity · size) weights of each group" in exact_card
     wanda_ref = record(PruneConfig(method="wanda", sparsity=0.5, selection="reference"))
     assert "stable sort" in make_model_card(wanda_ref).text
     old = record(exact)

@@ -300,7 +300,9 @@ def _selection_label(prune: Mapping, rule: str | None) -> str:
     """The mask selection rule used (llmprune.masks): exact-k, or the reference code's rule for the group."""
     if rule in _SELECTION_RULES:
         return _SELECTION_RULES[rule]
-    return "reference (the reference code's rule)" if prune.get("selection") == "reference" else _SELECTION_RULES["exact-k"]
+    if prune.get("selection") == "reference":
+        return "reference (the reference code's rule)"
+    return _SELECTION_RULES["exact-k"]
 
 
 def _zero_rows(record: Mapping) -> list[list[str]]:

@@ -135,7 +135,8 @@ def selection_rule(pattern: Pattern, group: str, selection: str = "exact") -> st
     return "threshold-le" if group == "per-layer" else "stable-sort-k"
 
 
-def select_mask(scores: torch.Tensor, pattern: Pattern, group: str = "per-row", selection: str = "exact") -> torch.Tensor:
+def select_mask(scores: torch.Tensor, pattern: Pattern, group: str = "per-row",
+                selection: str = "exact") -> torch.Tensor:
     """Dispatch on the pattern: unstructured within `group`, or N:M (where the group is the M-block); by the
     exact-k rule (`selection="exact"`) or the reference implementations' rule (`"reference"`)."""
     if selection != "exact":
