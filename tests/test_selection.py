@@ -325,3 +325,75 @@ def test_sweep_passes_the_selection_on(monkeypatch, capsys, tmp_path):
     with pytest.raises(LLMPruneError, match="unknown selection"):  # every point is validated before any work
         pipeline._run_sweep(None, ["magnitude"], [0.5], ["unstructured"], CalibrationConfig(), [], eval_seqlen=16,
                             output_dir=str(tmp_path / "sweep"), selection="ties")
+
+
+# ---------------------------------------------------------------- on the GPU (run there with `pytest -m gpu`)
+
+
+@pytest.mark.parametrize("shape,levels", [((256, 512), 3), ((64, 4096), 5)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_reference_rules_are_their_restatements_and_the_same_as_on_the_cpu(shape, levels):
+    s = few_levels(shape, levels).cuda()
+    for sp in (0.2, 0.5):
+        for group, restated in (("per-layer", restated_threshold), ("per-row", restated_stable_rows)):
+            ref = reference_unstructured_mask(s, sp, group)
+            assert torch.equal(ref, restated(s, sp))
+            assert torch.equal(ref.cpu(), reference_unstructured_mask(s.cpu(), sp, group))  # values decide alone
+    for n, m in [(2, 4), (4, 8), (8, 128)]:  # 8:128: M-N = 120, where exact-k takes a stable sort on the GPU
+        ref = reference_nm_mask(s, n, m)
+        assert torch.equal(ref, restated_nm(s, n, m))
+        assert torch.equal(ref, nm_mask(s, n, m))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sparsegpt_reference_keeps_the_kernel_for_unstructured_and_the_eager_loop_for_n_m(monkeypatch):
+    from llmprune.scorers import sparsegpt_triton
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(2000, 256, device="cuda", generator=g)
+    hinv, dead = sparsegpt_inverse_hessian(x.t() @ x)
+    w = torch.round(2 * torch.randn(200, 256, device="cuda", generator=g)) / 2  # ties in the first lazy block
+    blocks = []
+    real_block = sg_mod._reference_lazy_block_mask
+
+    def block_spy(W1, d, sparsity, group):
+        mask = real_block(W1, d, sparsity, group)
+        blocks.append((W1.clone(), d.clone(), sparsity, group, mask))
+        return mask
+
+    monkeypatch.setattr(sg_mod, "_reference_lazy_block_mask", block_spy)
+    for group in ("per-layer", "per-row"):
+        blocks.clear()
+        a = sparsegpt_prune(w, hinv, dead, UNSTRUCTURED, group, 128, {}, use_triton=True, selection="reference")
+        assert len(blocks) == 2 and sparsegpt_triton.available(w, 128, None)
+        for W1, d, sparsity, grp, mask in blocks:
+            tmp = W1 ** 2 / d.reshape(1, -1) ** 2
+            assert torch.equal(mask, (restated_threshold if grp == "per-layer" else restated_stable_rows)(tmp, sparsity))
+        b = sparsegpt_prune(w, hinv, dead, UNSTRUCTURED, group, 128, None, use_triton=False, selection="reference")
+        assert torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    assert (a.mask[:, :128].sum(1) == 32).all()  # per-row, first block: exactly k per row
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel chose an N:M mask under reference selection")
+
+    monkeypatch.setattr(sparsegpt_triton, "obs_block_", no_kernel)
+    pat = Pattern.parse("2:4", None)
+    a = sparsegpt_prune(w, hinv, dead, pat, "per-layer", 128, {}, use_triton=True, selection="reference")
+    b = sparsegpt_prune(w, hinv, dead, pat, "per-layer", 128, None, use_triton=False, selection="reference")
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_reference_magnitude_gives_the_cpu_model_bit_for_bit():
+    # the threshold depends on the values alone: the same weights give the same zeros on either device
+    cpu, gpu = tiny_model("llama"), tiny_model("llama")
+    _quantize_blocks_(cpu)
+    _quantize_blocks_(gpu)
+    llmprune.prune(cpu, PruneConfig(method="magnitude", device="cpu", selection="reference"))
+    llmprune.prune(gpu, PruneConfig(method="magnitude", device="cuda", selection="reference"))
+    for a, b in zip(_layer_weights(cpu), _layer_weights(gpu)):
+        assert torch.equal(a, b.cpu())
