@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import SELECTIONS
 from .errors import LLMPruneError
 
 SUBCOMMANDS = ("prune", "eval", "sweep", "push", "reproduce")
@@ -156,6 +157,11 @@ BOS_HELP = ("BOS policy of calibration and perplexity windows and zero-shot requ
             "models that need it, e.g. Gemma; else the papers' single stream), always, never (default auto)")
 
 
+SELECTION_HELP = ("mask selection: exact (default: exactly int(sparsity x size) weights per comparison group) or "
+                  "reference (the reference code's rule: per-layer every score <= the k-th smallest, ties included; "
+                  "per-row a stable sort; N:M torch.topk)")
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
 
@@ -189,6 +195,7 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
     g.add_argument("--comparison-group", default=None, choices=None,
                    help="per-row or per-layer (default: the method's reference: magnitude per-layer, wanda per-row, ria per-layer, sparsegpt per-layer)")
+    g.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     g.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent a (default 0.5)")
     g.add_argument("--sparsegpt-blocksize", type=int, default=128, help="SparseGPT: columns updated at once")
     g.add_argument("--sparsegpt-percdamp", type=float, default=0.01,
@@ -296,7 +303,8 @@ def cmd_prune(argv: list[str]) -> int:
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
         ria_alpha=a.ria_alpha, sparsegpt_blocksize=a.sparsegpt_blocksize, sparsegpt_percdamp=a.sparsegpt_percdamp,
-        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
+        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
+        selection=a.selection)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=nsamples, seqlen=seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None
@@ -511,6 +519,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept less calibration text than nsamples x seqlen tokens")
     p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
+    p.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     p.add_argument("--output-dir", type=_folder, default="sweep", help="folder for sweep.json, sweep.md and the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     return p
@@ -531,7 +540,7 @@ def cmd_sweep(argv: list[str]) -> int:
     data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or seqlen,
                      max_windows=a.eval_max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
                      output_dir=a.output_dir, overwrite=a.overwrite, cache_dir=a.cache_dir,
-                     use_cache=not a.no_cache)
+                     use_cache=not a.no_cache, selection=a.selection)
     print(data["table"])
     for kind, path in data["files"].items():
         print(f"{kind}: {path}")

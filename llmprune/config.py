@@ -12,6 +12,7 @@ from .errors import LLMPruneError
 
 COMPARISON_GROUPS = ("per-row", "per-layer")
 NAMED_PATTERNS = ("unstructured", "2:4", "4:8")
+SELECTIONS = ("exact", "reference")  # mask selection rules, see llmprune.masks
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -73,12 +74,14 @@ class _DictMixin:
 
 @dataclass(frozen=True)
 class PruneConfig(_DictMixin):
-    """What to prune and how. `comparison_group=None` takes the method's reference default."""
+    """What to prune and how. `comparison_group=None` takes the method's reference default. `selection`:
+    "exact" prunes exactly int(sparsity * size) per group; "reference" the reference code's rule (llmprune.masks)."""
 
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
     comparison_group: str | None = None
+    selection: str = "exact"
     ria_alpha: float = 0.5
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
@@ -95,6 +98,10 @@ class PruneConfig(_DictMixin):
             raise LLMPruneError(
                 f"unknown comparison group {self.comparison_group!r}; known: {', '.join(COMPARISON_GROUPS)}"
             )
+        if self.selection not in SELECTIONS:
+            from .registry import unknown_name_message
+
+            raise LLMPruneError(unknown_name_message("selection", str(self.selection), list(SELECTIONS)))
         if self.ria_alpha < 0 or math.isnan(self.ria_alpha):
             raise LLMPruneError(f"ria_alpha must be >= 0, got {self.ria_alpha}")
         if self.sparsegpt_blocksize < 1:
@@ -126,6 +133,14 @@ class PruneConfig(_DictMixin):
         weights of a row compete (e.g. "per-4-block" for 2:4), whatever `comparison_group` says."""
         pat = self.pattern_spec
         return self.group if pat.kind == "unstructured" else f"per-{pat.m}-block"
+
+    @property
+    def selection_rule(self) -> str:
+        """The mask rule used: "exact-k", or the references' "threshold-le" (per-layer), "stable-sort-k"
+        (per-row) or "topk-k" (N:M); see llmprune.masks.selection_rule."""
+        from .masks import selection_rule
+
+        return selection_rule(self.pattern_spec, self.group, self.selection)
 
 
 @dataclass(frozen=True)
@@ -176,4 +191,4 @@ class EvalConfig(_DictMixin):
             raise LLMPruneError(f"max_windows must be >= 1, got {self.max_windows}")
 
 
-__all__ = ["Pattern", "PruneConfig", "CalibrationConfig", "EvalConfig", "COMPARISON_GROUPS", "field"]
+__all__ = ["Pattern", "PruneConfig", "CalibrationConfig", "EvalConfig", "COMPARISON_GROUPS", "SELECTIONS", "field"]

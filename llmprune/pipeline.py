@@ -246,6 +246,7 @@ def _resolved(prune_cfg, calib_cfg, eval_cfg, calibration, evaluation) -> dict:
     out: dict = {}
     if prune_cfg is not None:
         out["comparison_group"] = prune_cfg.effective_group
+        out["selection_rule"] = prune_cfg.selection_rule
     dirs = {}
     if calibration is not None and calib_cfg.source in NAMED_SOURCES:
         dirs["calibration"] = _data_dir_label(calib_cfg.data_dir)
@@ -376,7 +377,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
 def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
                eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
                dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, cache_dir: str | None = None,
-               use_cache: bool = True, reservation=None) -> dict:
+               use_cache: bool = True, reservation=None, selection: str = "exact") -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
     table and plots. Calibration windows and evaluation texts are loaded once and shared by all points. The BOS
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
@@ -400,7 +401,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
         SCORERS.get(method)
         for pattern in patterns:
             for s in (sparsities if pattern == "unstructured" else [None]):
-                PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
+                PruneConfig(method=method, pattern=pattern, sparsity=s, selection=selection)  # validate up front
                 points.append((method, pattern, s))
     dev = resolve_device(device)
     set_step("loading the model")
@@ -426,20 +427,20 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     for method, pattern, s in points:
         set_step(f"{method} {pattern}" + (f" {s:g}" if s is not None else ""))
         model = copy.deepcopy(dense_model)
-        cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device)
+        cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device, selection=selection)
         rep = prune(model, cfg, calibration)
         res = evaluate(model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev, data_dir=calib_cfg.data_dir,
                        max_windows=max_windows, bos=calib_cfg.bos)
         records.append({"method": method, "pattern": pattern, "sparsity": rep.sparsity if s is None else s,
                         "measured_sparsity": rep.sparsity, "group": cfg.effective_group, "prune_seconds": rep.timings["prune_total"],
-                        "layer_sparsity": rep.layer_sparsity, "results": res})
+                        "selection_rule": cfg.selection_rule, "layer_sparsity": rep.layer_sparsity, "results": res})
         del model
     for r in records:
         r["ppl"] = {k: v["ppl"] for k, v in r["results"]["perplexity"].items()}
     data = {"model": loaded.source, "calibration": calibration.to_dict() if calibration else None,
             "config": {"methods": list(methods), "sparsities": list(sparsities), "patterns": list(patterns),
                        "tasks": list(tasks), "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit,
-                       "calibration": calib_cfg.to_dict()},
+                       "selection": selection, "calibration": calib_cfg.to_dict()},
             "resolved": {"data_dir": _data_dir_label(calib_cfg.data_dir)},
             "records": records, "versions": package_versions()}
     from .export.provenance import portable_record

@@ -148,6 +148,8 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", 
                  "--pattern", _pattern_name(prune)]
         if prune.get("comparison_group"):
             args += ["--comparison-group", prune["comparison_group"]]
+        if prune.get("selection", "exact") != "exact":
+            args += ["--selection", str(prune["selection"])]
         if prune["method"] == "ria" or prune.get("ria_alpha", 0.5) != CLI_DEFAULTS["ria_alpha"]:
             args += ["--ria-alpha", f"{prune.get('ria_alpha', 0.5):g}"]
         for key in ("sparsegpt_blocksize", "sparsegpt_percdamp"):
@@ -282,6 +284,25 @@ def _group_label(prune: Mapping, used: str | None) -> str:
     if _pattern_name(prune) != "unstructured":
         return f"{used} (every {_pattern_name(prune).partition(':')[2]} consecutive weights of a row: the N:M pattern's groups)"
     return used if given == used else f"{used} (the method's default)"
+
+
+_SELECTION_RULES = {
+    "exact-k": "exact: int(sparsity · size) weights of each group (llmprune's default)",
+    "threshold-le": "reference: every score ≤ the one at index int(sparsity · size) of the sorted layer, ties "
+                    "included (`threshold-le`)",
+    "stable-sort-k": "reference: the first int(sparsity · size) of each row's stable sort, ties to the lower input "
+                     "index (`stable-sort-k`)",
+    "topk-k": "reference: the M−N lowest of each group by torch.topk (`topk-k`)",
+}
+
+
+def _selection_label(prune: Mapping, rule: str | None) -> str:
+    """The mask selection rule used (llmprune.masks): exact-k, or the reference code's rule for the group."""
+    if rule in _SELECTION_RULES:
+        return _SELECTION_RULES[rule]
+    if prune.get("selection") == "reference":
+        return "reference (the reference code's rule)"
+    return _SELECTION_RULES["exact-k"]
 
 
 def _zero_rows(record: Mapping) -> list[list[str]]:
@@ -454,6 +475,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         if _finite(record.get("sparsity")):
             rows.append(["measured sparsity (blocks' linear layers)", f"{100 * record['sparsity']:.2f} %"])
         rows.append(["comparison group", _group_label(prune, (record.get("resolved") or {}).get("comparison_group"))])
+        rows.append(["mask selection", _selection_label(prune, (record.get("resolved") or {}).get("selection_rule"))])
         if prune["method"] == "ria":
             rows.append(["RIA activation exponent a", f"{prune.get('ria_alpha', 0.5):g}"])
         if prune["method"] == "sparsegpt":
