@@ -323,7 +323,7 @@ def test_sweep_passes_the_selection_on(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(pipeline, "run_sweep", fake_sweep)
     assert cmd_sweep(["--selection", "reference", "--methods", "magnitude"]) == 0 and seen["selection"] == "reference"
     with pytest.raises(LLMPruneError, match="unknown selection"):  # every point is validated before any work
-        pipeline._run_sweep(None, ["magnitude"], [0.5], ["unstructured"], CalibrationConfig(), [], eval_seqlen=16,
+        pipeline._run_sweep(None, ["magnitude"], [0.5], ["unstructured"], CalibrationConfig(), ["wikitext2"], eval_seqlen=16,
                             output_dir=str(tmp_path / "sweep"), selection="ties")
 
 
