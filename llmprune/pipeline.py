@@ -99,7 +99,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     zeros_before = zero_counts(model)  # e.g. a dequantized GGUF already holds exact zeros
 
     if block_cfg is not None:
-        from .models import find_blocks
+        from .models.arch import find_blocks
 
         block_cfg.blocks_to_remove(len(find_blocks(model)))  # refuse K >= blocks before any work
     calibration = None

@@ -15,7 +15,8 @@ from .calibration.runner import sync_compute
 from .config import PruneConfig
 from .errors import LLMPruneError, memory_step
 from .masks import apply_mask_
-from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
+from .models.arch import find_blocks, in_features, linear_layers, weight_oi
+from .models.load import resolve_device
 from .progress import progress
 from .scorers import SCORERS, Scorer
 

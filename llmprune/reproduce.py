@@ -23,7 +23,7 @@ def model_availability(model: str | None) -> tuple[bool, str]:
     """(can it be loaded here?, why not). The embedded default needs its package; a local path must exist; a Hub
     id counts when its config.json is in the local Hugging Face cache, or when the Hub answers (not offline)."""
     if model is None:
-        from .models import default_model_path
+        from .models.load import default_model_path
 
         try:
             default_model_path()

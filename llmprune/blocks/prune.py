@@ -12,7 +12,8 @@ from torch import nn
 
 from ..calibration import CalibrationData
 from ..errors import LLMPruneError, memory_step
-from ..models import find_blocks, linear_layers, resolve_device, weight_oi
+from ..models.arch import find_blocks, linear_layers, weight_oi
+from ..models.load import resolve_device
 from .base import BLOCK_SCORERS, BlockScorer
 from .config import BlockPruneConfig
 from .removal import check_removable, normalize_indices, num_params, remove_blocks

