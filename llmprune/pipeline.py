@@ -14,9 +14,10 @@ from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .errors import memory_step
 from .evaluation.perplexity import load_eval_tokens, perplexity
-from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, check_output_dir, checkpoint_bytes, dtype_label, load_model,
+from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
-from .outputs import check_free_space, check_writable, output_errors, reserve_output_dir, write_output_dir
+from .outputs import (check_free_space, check_output_dir, check_writable, output_errors, reserve_output_dir,
+                      write_output_dir)
 from .pruner import prune
 from .record import JobConfig, JobRecord, Perplexity
 from .scorers import SCORERS

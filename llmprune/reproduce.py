@@ -118,7 +118,9 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     recipes = load_table(table_path)
     title = table_title(table_path)
     runner = runner or run_recipe
-    data_dir = data_dir if data_dir is not None else os.environ.get("LLMPRUNE_DATA_DIR")
+    from .calibration.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(data_dir)  # given, else $LLMPRUNE_DATA_DIR, else None
     plan: list[tuple[Recipe, str, str]] = []  # (recipe, status, reason); status "run" | "skipped"
     unavailable = []
     for r in recipes:

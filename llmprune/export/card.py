@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import LLMPruneError
+from ..outputs import write_text_atomic
 from ..record import BlockRecord, JobRecord
 
 log = logging.getLogger(__name__)
@@ -583,10 +584,7 @@ def write_card(folder: str | os.PathLike, record: JobRecord | Mapping | None = N
     weights = safetensors_summary(folder) if any(folder.glob("*.safetensors")) else None
     card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,
                            license=license, weights=weights)
-    path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_text_atomic(folder / "README.md", str(card))
     log.info("wrote model card %s", path)
     return path
 

@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import struct
-import uuid
 from collections.abc import Mapping
 from pathlib import Path, PureWindowsPath
 from typing import Any
+
+from ..outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -357,13 +358,7 @@ def _write_if_changed(path: Path, old: str, new: str) -> bool:
     """Replace `path` by a new file (temporary + rename: a hard-linked original is never written through)."""
     if new == old:
         return False
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(new, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, new)
     return True
 
 

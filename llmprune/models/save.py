@@ -154,13 +154,6 @@ def safetensors_summary(folder: str | os.PathLike) -> dict:
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse, before any work, an output folder that can't be written (a file in the way, a read-only
-    filesystem, no write permission), one another llmprune run holds, and an existing non-empty folder unless
-    `overwrite`. Writes nothing. See llmprune.outputs."""
-    return outputs.check_output_dir(path, overwrite)
-
-
 def current_umask() -> int:
     """The process umask, read from /proc/self/status on Linux (no change to it); elsewhere set and restored."""
     try:
