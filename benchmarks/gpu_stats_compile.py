@@ -47,6 +47,13 @@ def _sq_hook(module, args):
 _KEPT: list = []  # (module, input) pairs of the current forward
 
 
+def _h_hook(module, args):
+    """Traceable Hessian: X^T X in float32 from the half-precision input (exact products, float32 sums)."""
+    x = args[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    module._h.add_(torch.mm(x2.t(), x2, out_dtype=torch.float32))
+
+
 def _keep_hook(module, args):
     _KEPT.append((module, args[0]))
 
@@ -205,6 +212,39 @@ def main(argv=None) -> int:
             for h in handles:
                 h.remove()
             b0._compiled_call_impl = None
+        # compiled with the Hessian accumulated inside the graph
+        torch._dynamo.reset()
+        handles = []
+        for m in linears.values():
+            m._h = torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=dev)
+            handles.append(m.register_forward_pre_hook(_h_hook))
+        b0.compile(dynamic=False)
+        try:
+            run(b0, 1)
+            record("compiled+hooks hessian", timed(lambda: run(b0), dev, a.reps))
+        except Exception as e:  # noqa: BLE001
+            res["variants"]["compiled+hooks hessian"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print("compiled+hooks hessian failed:", e, flush=True)
+        finally:
+            for h in handles:
+                h.remove()
+            for m in linears.values():
+                del m._h
+            b0._compiled_call_impl = None
+
+        # Wanda masks from the compiled statistics against the eager ones (per row, 50 %)
+        agree, total = 0, 0
+        for n, m in linears.items():
+            w = m.weight.float().abs()
+            k = w.shape[1] // 2
+            masks = []
+            for sq in (ref[n].sqnorm, linears[n]._sq):  # several passes summed: a scale, same ranking
+                score = w * sq.sqrt()[None]
+                masks.append(torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(k, 1, largest=False).indices, True))
+            agree += int((masks[0] == masks[1]).sum())
+            total += masks[0].numel()
+        res["wanda_mask_agreement_compiled_vs_eager"] = agree / total
+        print(f"Wanda 50 % masks, compiled vs eager statistics: {100 * agree / total:.4f} % of weights agree", flush=True)
     res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     write_json(Path(a.out) / f"{'smoke_' if a.smoke else ''}gpu_stats_compile_{shape}.json", res)
     return 0
