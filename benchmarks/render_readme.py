@@ -203,7 +203,7 @@ def repro_table(data: dict) -> str:
     from llmprune.recipe import ordering_checks, render_orderings
 
     ok = data["counts"]["ok"]
-    return "\n".join([f"{data['title']}: {ok} cells run (`python -m llmprune reproduce recipes/smollm2 --out-dir "
+    return "\n".join([f"{data['title']}: {ok} cells run (`python -m llmprune reproduce recipes/smollm2 --output-dir "
                       f"benchmarks/results/reproduce_smollm2`; WikiText-2 perplexity, lower is better; "
                       f"`benchmarks/results/reproduce_smollm2/`).", "", render_orderings(ordering_checks(data["cells"])).rstrip()])
 

@@ -65,3 +65,85 @@ class memory_step:
         exc.__traceback__ = None  # the failed frames and their tensors go now, not when the new error does
         del exc, tb
         raise OutOfMemory(self.step, self.lower, detail) from None
+
+
+# ---------------------------------------------------------------- naming the step an unexpected error came from
+
+import contextvars as _contextvars  # noqa: E402
+
+#: the steps open now, outermost first; each a [name, detail] list (`set_step`/`step_detail` change it in place)
+_STEPS: _contextvars.ContextVar[tuple[list, ...]] = _contextvars.ContextVar("llmprune_steps", default=())
+STEP_ATTR = "llmprune_step"  # set on an exception that left a `step`: the steps it passed, as one text
+
+
+class step:
+    """`with step("calibration"):` names the work inside it. An exception other than LLMPruneError that leaves
+    it carries the open steps in `exc.llmprune_step` ("pruning, block 3/30"), which the CLI prints in its one
+    line; nothing else changes (the exception propagates as it is). `step()` without a name opens a frame that
+    `set_step` names as a job moves from one phase to the next, with no nesting (see `named_steps`)."""
+
+    def __init__(self, name: str | None = None):
+        self.frame = [name, None]
+
+    def __enter__(self) -> "step":
+        self._token = _STEPS.set(_STEPS.get() + (self.frame,))
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if exc is not None and not isinstance(exc, LLMPruneError) and getattr(exc, STEP_ATTR, None) is None:
+            try:
+                setattr(exc, STEP_ATTR, current_step())
+            except AttributeError:  # an exception type that takes no attributes
+                pass
+        _STEPS.reset(self._token)
+        return False
+
+
+def named_steps(fn):
+    """Run `fn` inside an unnamed `step`, so that `set_step` calls in its body name its phases."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with step():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def set_step(name: str) -> None:
+    """Name the innermost open step (and clear its detail): "loading the model", then "calibration", ... A no-op
+    outside any step."""
+    stack = _STEPS.get()
+    if stack:
+        stack[-1][:] = [name, None]
+
+
+def step_detail(detail: str | None) -> None:
+    """Say where inside the innermost step the work is ("block 3/30"); None clears it."""
+    stack = _STEPS.get()
+    if stack:
+        stack[-1][1] = detail
+
+
+def current_step() -> str | None:
+    """The open steps, outermost first, with their details: "pruning, block 3/30"; None outside any."""
+    parts = [p for name, detail in _STEPS.get() for p in (name, detail) if p]
+    return ", ".join(parts) or None
+
+
+def failed_step(exc: BaseException) -> str | None:
+    """The steps an exception passed through on its way out (see `step`)."""
+    return getattr(exc, STEP_ATTR, None)
+
+
+def summary(exc: BaseException, limit: int = 300) -> str:
+    """A one-line account of `exc` that does not stop mid-sentence: its message with the lines joined, cut at
+    the last sentence end within `limit` characters; the type name when the message is empty."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    if len(text) > limit:
+        cut = max(text.rfind(". ", 0, limit), text.rfind("; ", 0, limit))
+        text = text[: cut + 1] if cut > 0 else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text.rstrip(":")

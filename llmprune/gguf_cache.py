@@ -110,6 +110,35 @@ def gguf_dtype(path: str | os.PathLike) -> torch.dtype | None:
     return None
 
 
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Refuse a GGUF file whose header can't be read or whose tensor data ends before the file does (an
+    interrupted download or copy), naming the file: one LLMPruneError line instead of a reshape error deep in the
+    conversion. Reads the header and tensor table only (milliseconds)."""
+    from .errors import LLMPruneError
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        try:
+            from transformers.integrations.gguf.reader import GgufHeader
+        except ImportError:  # older transformers: the gguf package maps the tensors and fails on a short file
+            from gguf import GGUFReader
+
+            GGUFReader(str(path))
+            return
+        header = GgufHeader.from_file(str(path))
+        need = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    except Exception as e:  # noqa: BLE001 - struct/index/value errors of a short or damaged header
+        if "magic" in str(e):
+            raise LLMPruneError(f"{path} is not a GGUF file: it does not start with the GGUF magic bytes") from None
+        short = "buffer" in str(e) or "out of bounds" in str(e)  # the header runs past the end of the file
+        raise LLMPruneError(f"the GGUF file {path} is {'truncated' if short else 'truncated or corrupt'}: its header "
+                            f"cannot be read ({size:,} bytes); download or copy it again") from None
+    if size < need:
+        raise LLMPruneError(f"the GGUF file {path} is truncated: its tensors need {need:,} bytes, the file has "
+                            f"{size:,}; download or copy it again")
+
+
 def lossless_state_dict(model: torch.nn.Module, half: torch.dtype) -> tuple[dict, dict[str, int]]:
     """The model's state dict with each float tensor in `half` where that holds every value exactly, else as is;
     tied tensors stay one tensor. Returns it and the count of tensors per stored dtype."""

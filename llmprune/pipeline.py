@@ -12,10 +12,11 @@ import torch
 from .calibration import load_calibration
 from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
-from .errors import memory_step
+from .errors import memory_step, named_steps, set_step
 from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
+from .models import check_context
 from .outputs import (check_free_space, check_output_dir, check_writable, output_errors, reserve_output_dir,
                       write_output_dir)
 from .pruner import prune
@@ -57,6 +58,7 @@ def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_c
                               reservation=reservation, **job)
 
 
+@named_steps  # an unexpected error names the phase it came from (llmprune.errors.step)
 def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
                    eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False,
                    dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
@@ -73,10 +75,12 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
     The record holds no absolute local path (`export.provenance`: the model by name or Hub id, `base_model` the
     Hub id of a local model, data files by relative path and sha256), nor does any file saved with it."""
-    if tasks:
-        from .evaluation.harness import split_tasks
+    from .calibration.data import as_used, is_token_file
+    from .evaluation.harness import check_eval_counts, split_tasks
 
-        split_tasks(tasks)
+    set_step("checking the options")
+    ppl_tasks = split_tasks(tasks)[0] if tasks else []
+    check_eval_counts(limit, eval_cfg.max_windows if eval_cfg else None)
     if save_dtype not in SAVE_DTYPES:
         resolve_save_dtype(save_dtype, None, torch.float32)  # the one-line error, before any work
     if prune_cfg is None and block_cfg is None:
@@ -89,8 +93,16 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         # before loading, at the checkpoint's size where `auto` (see checkpoint_bytes); exactly once it has loaded
         check_free_space(output_dir, checkpoint_bytes(model_spec, DTYPES.get(save_dtype, "auto")), "the pruned model")
     t = time.perf_counter()
+    set_step("loading the model")
     loaded = load_model(model_spec, torch_dtype, cache_dir=cache_dir, use_cache=use_cache)
     model, tokenizer = loaded.model, loaded.tokenizer
+    set_step("checking the options against the model")
+    if (eval_cfg is not None and eval_cfg.datasets) or ppl_tasks:  # windows no longer than the model's context
+        check_context(model, tokenizer, eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
+                      "--eval-seqlen" if eval_cfg else "--seqlen")
+    needs_calibration = block_cfg is not None or SCORERS.get(prune_cfg.method).needs != "none"
+    if needs_calibration and not is_token_file(calib_cfg.source):  # a token file's windows are checked by prune()
+        check_context(model, tokenizer, calib_cfg.seqlen, "--seqlen")
     if output_dir:
         check_free_space(output_dir, model_bytes(model, resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)),
                          "the pruned model")
@@ -106,16 +118,19 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
         block_cfg.blocks_to_remove(len(find_blocks(model)))  # refuse K >= blocks before any work
     calibration = None
-    if block_cfg is not None or SCORERS.get(prune_cfg.method).needs != "none":
+    if needs_calibration:
         t = time.perf_counter()
+        set_step("calibration data")
         vocab = model.get_input_embeddings().weight.shape[0]
         calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab, model_config=model.config)
+        calib_cfg = as_used(calib_cfg, calibration)  # a token file's own shape: the record agrees with itself
         timings["calibration_data"] = time.perf_counter() - t
 
     ppl_cache: dict = {}
     before = after = None
     if eval_cfg is not None and eval_cfg.datasets and eval_dense:
         t = time.perf_counter()
+        set_step("perplexity of the dense model")
         before = evaluate_ppl(model, tokenizer, eval_cfg, device, ppl_cache)
         timings["eval_dense"] = time.perf_counter() - t
 
@@ -123,11 +138,13 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     if block_cfg is not None:
         from .blocks import prune_blocks
 
+        set_step("block removal")
         block_report = prune_blocks(model, block_cfg, calibration)
         timings["block_scoring"] = block_report["timings"]["scoring"]
         timings["block_total"] = block_report["timings"]["total"]
     report = None
     if prune_cfg is not None:
+        set_step("pruning")
         report = prune(model, prune_cfg, calibration)
         timings.update(report.timings)
     else:
@@ -136,6 +153,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
     if eval_cfg is not None and eval_cfg.datasets:
         t = time.perf_counter()
+        set_step("perplexity of the pruned model")
         after = evaluate_ppl(model, tokenizer, eval_cfg, device, ppl_cache)
         timings["eval_pruned"] = time.perf_counter() - t
 
@@ -144,6 +162,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         from .evaluation.harness import evaluate, results_markdown
 
         t = time.perf_counter()
+        set_step("evaluation of the pruned model")
         evaluation = evaluate(model, tokenizer, tasks, seqlen=eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
                               limit=limit, device=device, data_dir=calib_cfg.data_dir,
                               max_windows=eval_cfg.max_windows if eval_cfg else None,
@@ -152,6 +171,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         evaluation["table"] = results_markdown([(_label(prune_cfg, block_cfg), evaluation)])
         timings["eval_tasks"] = time.perf_counter() - t
 
+    set_step("building the record")
     save_to = resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)
     record = JobRecord(
         model=loaded.source,
@@ -185,6 +205,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     record = JobRecord.from_dict(portable)
     if output_dir:
         t = time.perf_counter()
+        set_step("saving")
         files = {"llmprune.json": record.to_dict()}
         if evaluation is not None:
             files["results.json"] = {"model": record.model, "pruning": record.config.to_dict(),
@@ -268,6 +289,7 @@ def _place_for_eval(model, device: torch.device) -> None:
     model.to(device)
 
 
+@named_steps
 def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_size="auto", limit: int | None = None,
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
                  output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
@@ -279,25 +301,31 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is.
     `bos`: the BOS policy of the perplexity windows and zero-shot requests (auto, always, never)."""
     from .evaluation.compression import compression_report
-    from .evaluation.harness import evaluate, results_header, results_markdown, split_tasks
+    from .evaluation.harness import check_eval_counts, evaluate, results_header, results_markdown, split_tasks
     from .errors import LLMPruneError
     from .reporting import write_json
+
+    set_step("checking the options")
 
     if compile and sparse_kernels:
         raise LLMPruneError("--compile with --sparse-kernels is not supported yet (the sparse kernels are not "
                             "checked under torch.compile); use one of them")
-    split_tasks(tasks)  # unknown names fail before the model loads
+    ppl_tasks = split_tasks(tasks)[0]  # unknown names fail before the model loads
+    check_eval_counts(limit, max_windows)
     from .bos import check_bos_policy
 
     check_bos_policy(bos)
     if output_dir:  # a folder that can be written, before the model loads
         if Path(output_dir).suffix in (".json", ".md") and not Path(output_dir).is_dir():
-            raise LLMPruneError(f"--output is a folder (results.json and results.md are written into it), "
+            raise LLMPruneError(f"--output-dir is a folder (results.json and results.md are written into it), "
                                 f"not a file name: {output_dir}")
         check_writable(output_dir, "results folder")
     dev = resolve_device(device)
+    set_step("loading the model")
     loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     model = loaded.model
+    if ppl_tasks:  # before any work: windows no longer than the model's context
+        check_context(model, loaded.tokenizer, seqlen, "--eval-seqlen")
     prune_record = None
     if model_spec and (Path(model_spec) / "llmprune.json").is_file():
         import json
@@ -315,6 +343,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
         if rep.get("status") != "converted":
             log.warning("2:4 sparse kernels not used: %s", rep.get("reason"))
     t = time.perf_counter()
+    set_step("evaluation")
     res = evaluate(model, loaded.tokenizer, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, device=dev,
                    data_dir=data_dir, max_windows=max_windows, compile=compile, bos=bos,
                    logits_budget_mb=logits_budget_mb)
@@ -331,6 +360,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
         out = Path(output_dir)
         head = results_header(f"Evaluation of {record['model']}", [record["results"]], limit=limit,
                               max_windows=max_windows)
+        set_step("saving")
         with output_errors(out):
             write_json(out / "results.json", record)
             (out / "results.md").write_text(head + record["table"] + "\n")
@@ -346,6 +376,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
                           overwrite=overwrite, reservation=reservation, **job)
 
 
+@named_steps
 def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
                eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
                dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, cache_dir: str | None = None,
@@ -355,11 +386,19 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
     import copy
 
-    from .evaluation.harness import evaluate, results_header, split_tasks
+    from .errors import LLMPruneError
+    from .evaluation.harness import check_eval_counts, evaluate, results_header, split_tasks
     from .reporting import plot_layer_sparsity, plot_ppl_vs_sparsity, ppl_table, write_json
 
+    set_step("checking the options")
     out = reservation.path if reservation is not None else check_output_dir(output_dir, overwrite)
-    split_tasks(tasks)
+    ppl_tasks = split_tasks(tasks)[0]
+    check_eval_counts(limit, max_windows)
+    for what, given in (("method", methods), ("pattern", patterns)):
+        if not list(given):
+            raise LLMPruneError(f"no {what} given: a sweep needs at least one (--{what}s)")
+    if "unstructured" in patterns and not list(sparsities):
+        raise LLMPruneError("no sparsity given for the unstructured pattern (--sparsities)")
     points = []
     for method in methods:
         SCORERS.get(method)
@@ -368,16 +407,28 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
                 PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
                 points.append((method, pattern, s))
     dev = resolve_device(device)
+    set_step("loading the model")
     loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
     dense_model, tok = loaded.model, loaded.tokenizer
+    from .calibration.data import as_used, is_token_file
+
+    needs_calibration = any(SCORERS.get(m).needs != "none" for m in methods)
+    if ppl_tasks:  # before any work: windows no longer than the model's context
+        check_context(dense_model, tok, eval_seqlen, "--eval-seqlen")
+    if needs_calibration and not is_token_file(calib_cfg.source):
+        check_context(dense_model, tok, calib_cfg.seqlen, "--seqlen")
     calibration = None
-    if any(SCORERS.get(m).needs != "none" for m in methods):
+    if needs_calibration:
+        set_step("calibration data")
         calibration = load_calibration(calib_cfg, tok, vocab_size=dense_model.get_input_embeddings().weight.shape[0],
                                        model_config=dense_model.config)
+        calib_cfg = as_used(calib_cfg, calibration)
+    set_step("evaluation of the dense model")
     records = [{"method": "dense", "pattern": "unstructured", "sparsity": 0.0,
                 "results": evaluate(dense_model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev,
                                     data_dir=calib_cfg.data_dir, max_windows=max_windows, bos=calib_cfg.bos)}]
     for method, pattern, s in points:
+        set_step(f"{method} {pattern}" + (f" {s:g}" if s is not None else ""))
         model = copy.deepcopy(dense_model)
         cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device)
         rep = prune(model, cfg, calibration)
@@ -421,6 +472,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
         if "plot_layers" in files:
             plot_layer_sparsity(last["layer_sparsity"], folder / files["plot_layers"], title=point)
 
+    set_step("saving")
     write_output_dir(out, write, overwrite=overwrite, reservation=reservation, what="the sweep results")
     data["files"], data["table"] = {k: str(out / v) for k, v in files.items()}, table
     return data

@@ -14,7 +14,7 @@ from .calibration.data import check_token_ids
 from .calibration.placement import BlockShuttle, auto_batch_size
 from .calibration.runner import sync_compute
 from .config import PruneConfig
-from .errors import LLMPruneError, memory_step
+from .errors import LLMPruneError, memory_step, step_detail
 from .masks import apply_mask_
 from .models.arch import find_blocks, in_features, linear_layers, weight_oi
 from .models.load import resolve_device
@@ -124,12 +124,14 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         try:
             for i in progress(range(len(blocks)), desc=f"{config.method}: blocks", unit="block", leave=False):
                 tb = time.perf_counter()
+                step_detail(f"block {i + 1}/{len(blocks)}")  # named in the one line of an unexpected error
                 block = shuttle.get(i)
                 try:
                     _prune_layers(scorer, linear_layers(block), {}, config, f"{blocks.path}.{i}", zeros)
                 finally:
                     shuttle.put(i)
                 block_timings.append({"prune": time.perf_counter() - tb, "total": time.perf_counter() - tb})
+            step_detail(None)
         finally:
             shuttle.close()
             transfers.update(shuttle.transfer_seconds)

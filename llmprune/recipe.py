@@ -288,8 +288,19 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LLMPruneError(f"{path}: not valid YAML: {first}") from None
+        raise LLMPruneError(_yaml_error_message(path, e)) from None
+
+
+def _yaml_error_message(path: Path, e) -> str:
+    """`recipe.yaml, line 3, column 12: not valid YAML: expected ',' or '}', but got '<scalar>' (while parsing a
+    flow mapping that starts at line 2, column 9)`: where the parser stopped, what it expected, what it was in."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split()) or type(e).__name__
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:
+        context = f"{context} that starts at line {cmark.line + 1}, column {cmark.column + 1}"
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def _merge(defaults: Mapping, cell: Mapping) -> dict:
@@ -326,9 +337,16 @@ def _load_file(path: Path) -> list[Recipe]:
     data = _read_yaml(path)
     if isinstance(data, Mapping) and "cells" in data:
         return _table_cells(path, data)
+    _refuse_defaults_without_cells(path, data)
     if data is None:
         raise LLMPruneError(f"{path}: empty recipe")
     return [Recipe.from_dict(data, where=str(path), path=str(path))]
+
+
+def _refuse_defaults_without_cells(path: Path, data) -> None:
+    if isinstance(data, Mapping) and "defaults" in data:
+        raise LLMPruneError(f"{path} has `defaults:` but no `cells:`: a table lists its recipes under `cells:` "
+                            "(each with a `name:`, merged over the defaults); a single recipe has no `defaults:`")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -339,6 +357,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     data = _read_yaml(p)
     if isinstance(data, Mapping) and "cells" in data:
         raise LLMPruneError(f"{p} is a table of cells; load it with load_table (or `reproduce`)")
+    _refuse_defaults_without_cells(p, data)
     return _load_file(p)[0]
 
 

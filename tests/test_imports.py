@@ -72,8 +72,9 @@ def modules() -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def import_graph() -> dict[str, dict[str, int]]:
-    """{module: {imported llmprune module: first line}}, module-level and function-level imports alike."""
+def import_graph(missing: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """{module: {imported llmprune module: first line}}, module-level and function-level imports alike.
+    `missing` collects the imports of llmprune modules that do not exist (e.g. a relative import one level off)."""
     mods = modules()
     graph: dict[str, dict[str, int]] = {}
     for name, (path, package) in mods.items():
@@ -82,7 +83,7 @@ def import_graph() -> dict[str, dict[str, int]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             targets = []
             if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
+                targets = [(a.name, True) for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = here[: len(here) - (node.level - 1)]
@@ -90,10 +91,13 @@ def import_graph() -> dict[str, dict[str, int]]:
                     mod = ".".join(base + ([node.module] if node.module else []))
                 else:
                     mod = node.module or ""
-                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod for a in node.names]
-            for t in targets:
+                targets = [(f"{mod}.{a.name}", True) if f"{mod}.{a.name}" in mods else (mod, False)
+                           for a in node.names]
+            for t, _ in targets:
                 if t == "llmprune" or t.startswith("llmprune."):
-                    while t not in mods:  # `import llmprune.a.b` of a name that is not a module: its package
+                    if t not in mods and missing is not None:
+                        missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {t}")
+                    while t not in mods:  # what Python would look in: the nearest existing package
                         t = t.rpartition(".")[0]
                     if t != name:
                         edges.setdefault(t, node.lineno)
@@ -116,6 +120,12 @@ def test_every_module_has_a_room():
         f"modules in no room: {', '.join(missing)}. Add each to the room it belongs to in tests/test_imports.py "
         "ROOMS (lowest first; a module may import only its own room and those below) and to the rooms of "
         "docs/ARCHITECTURE.md")
+
+
+def test_every_import_names_a_module_that_exists():
+    missing: list[str] = []
+    import_graph(missing)
+    assert not missing, "imports of llmprune modules that do not exist:\n" + "\n".join(missing)
 
 
 def test_no_import_cycle_between_modules():

@@ -208,8 +208,11 @@ def test_cli_out_of_memory_outside_any_step_is_one_line(monkeypatch, capsys):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(llmprune.pipeline, "run_eval_job", bug)
-    with pytest.raises(RuntimeError, match="bug"):  # other errors keep their traceback
-        main(["eval", "--model", "whatever", "-q"])
+    assert main(["eval", "--model", "whatever", "-q"]) == 1  # other errors: the unexpected-error line (exit 1)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "llmprune: error: RuntimeError: bug (run with --debug for the traceback)"]
+    assert main(["eval", "--model", "whatever", "-q", "--debug"]) == 1  # and their traceback under --debug
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
 def test_calibration_out_of_memory_names_the_block(monkeypatch):

@@ -321,10 +321,10 @@ def test_unwritable_output_folder_fails_before_the_model_loads(tiny_model_dir, u
      "exists and is a file, not a folder"),
     (lambda t: (t / "f").write_text("x"), lambda m, t: ["--model", m, "--output-dir", str(t / "f" / "sub"), *PRUNE],
      "cannot be created: {t}/f is a file"),
-    (lambda t: (t / "f").write_text("x"), lambda m, t: ["eval", "--model", m, "--output", str(t / "f"), "-q"],
+    (lambda t: (t / "f").write_text("x"), lambda m, t: ["eval", "--model", m, "--output-dir", str(t / "f"), "-q"],
      "results folder {t}/f exists and is a file"),
-    (lambda t: None, lambda m, t: ["eval", "--model", m, "--output", str(t / "results.json"), "-q"],
-     "--output is a folder (results.json and results.md are written into it), not a file name"),
+    (lambda t: None, lambda m, t: ["eval", "--model", m, "--output-dir", str(t / "results.json"), "-q"],
+     "--output-dir is a folder (results.json and results.md are written into it), not a file name"),
     (lambda t: (t / "f").write_text("x"), lambda m, t: ["sweep", "--model", m, "--output-dir", str(t / "f"), "-q"],
      "exists and is a file"),
 ])

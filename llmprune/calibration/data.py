@@ -39,6 +39,13 @@ class CalibrationData:
     description: str = ""
     bos: BosPlan | None = None  # how BOS was placed in the windows (None: not recorded)
 
+    def __post_init__(self) -> None:
+        t = self.tokens
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise LLMPruneError(f"calibration tokens must have shape (nsamples, seqlen) with nsamples >= 1 and "
+                                f"seqlen >= 2, got {shape} ({self.source})")
+
     @property
     def sha256(self) -> str:
         return token_hash(self.tokens)
@@ -249,7 +256,25 @@ def load_token_file(path: Path) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.int64:
         desc = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise LLMPruneError(f"token file {path} must hold an int64 tensor of shape (n, seqlen), got {desc}")
+    if t.shape[0] < 1 or t.shape[1] < 2:
+        raise LLMPruneError(f"token file {path} holds no calibration windows: its tensor has shape {tuple(t.shape)}; "
+                            "it needs at least one row of at least 2 token ids, (n, seqlen) with n >= 1")
     return t
+
+
+def is_token_file(source: str) -> bool:
+    """A calibration source that names a saved token tensor (used as given, windows and all)."""
+    return Path(source).suffix in TOKEN_SUFFIXES
+
+
+def as_used(cfg: CalibrationConfig, data: CalibrationData) -> CalibrationConfig:
+    """`cfg` with the nsamples and seqlen of the windows used: a token file's own shape (it is used as given),
+    so that a record's config and its calibration agree."""
+    if is_token_file(cfg.source) and (cfg.nsamples, cfg.seqlen) != (data.nsamples, data.seqlen):
+        import dataclasses
+
+        return dataclasses.replace(cfg, nsamples=data.nsamples, seqlen=data.seqlen)
+    return cfg
 
 
 def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | None = None,

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import LLMPruneError
+from ..errors import LLMPruneError, step_detail
 from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .capture import BlockCall, capture_block_inputs
@@ -103,6 +103,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
             block = shuttle.get(i)
             ctx = BlockContext(i, n, block, device, hidden, calls[i])
             bar.set_description(f"{desc}: block {i + 1}/{n}")
+            step_detail(f"block {i + 1}/{n}")  # named in the one line of an unexpected error
             try:
                 process(ctx)
                 if i < n - 1 or propagate_last:
@@ -116,6 +117,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
             timings.append(ctx.timings)
             log.info("block %d/%d: %.2f s (%s)", i + 1, n, ctx.timings["total"],
                      ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items() if k != "total"))
+        step_detail(None)  # every block done
     finally:
         shuttle.close()  # every block's values are back in host memory
         if transfers is not None:

@@ -23,16 +23,36 @@ def known_tasks() -> list[str]:
     return list(PPL_DATASETS) + list(KNOWN_TASKS)
 
 
+def task_aliases() -> dict[str, str]:
+    """Other spellings of our task names: lm-eval's (`wikitext`, `lambada_openai`) where they differ."""
+    from .zeroshot import _ALIASES
+
+    return {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext2_raw": "wikitext2", **_ALIASES}
+
+
 def split_tasks(tasks) -> tuple[list[str], list[str]]:
-    """Validate task names; return (perplexity datasets, zero-shot tasks)."""
+    """Validate task names (lm-eval's accepted too, any case; duplicates dropped); return (perplexity
+    datasets, zero-shot tasks). No task at all is an error: there would be nothing to evaluate."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     known = known_tasks()
-    aliases = {"lambada_openai": "lambada"}
-    names = [aliases.get(n, n) for n in names]
+    if not names:
+        raise LLMPruneError(f"no task given; known tasks: {', '.join(known)}")
+    aliases = task_aliases()
+    names = list(dict.fromkeys(aliases.get(n.lower(), n.lower() if n.lower() in known else n) for n in names))
     for n in names:
         if n not in known:
             raise LLMPruneError(unknown_name_message("task", n, known))
     return [n for n in names if n in PPL_DATASETS], [n for n in names if n not in PPL_DATASETS]
+
+
+def check_eval_counts(limit=None, max_windows=None) -> None:
+    """Refuse a zero or negative `limit` (zero-shot examples per task) or `max_windows` before any work: both
+    would evaluate nothing."""
+    if limit is not None and not limit > 0:
+        raise LLMPruneError(f"--limit must be a positive number of examples per task, got {limit} (leave it out "
+                            "for all examples)")
+    if max_windows is not None and not max_windows >= 1:
+        raise LLMPruneError(f"--eval-max-windows must be at least 1, got {max_windows} (leave it out for all windows)")
 
 
 def _auto_ppl_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
@@ -62,6 +82,7 @@ def evaluate(model: nn.Module, tokenizer, tasks, *, seqlen: int = 2048, batch_si
     from ..calibration.data import data_dir_label
 
     ppl_names, zs_names = split_tasks(tasks)
+    check_eval_counts(limit, max_windows)
     plan = resolve_bos(bos, tokenizer, getattr(model, "config", None))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     results: dict = {"perplexity": {}, "zero_shot": {}, "seqlen": seqlen, "device": str(dev),

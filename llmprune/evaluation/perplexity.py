@@ -97,6 +97,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, batch_size: 
     with the number. Batches are made equal in size (so a compiled forward sees one shape); `compile=True`
     compiles the Transformer blocks (`compiled_blocks`). A progress bar named `desc` counts the windows (off
     under ``TQDM_DISABLE``)."""
+    if max_windows is not None and max_windows < 1:
+        raise LLMPruneError(f"max_windows must be at least 1, got {max_windows} (None: all windows)")
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)

@@ -4,6 +4,7 @@ by `llmprune.gguf_cache`) or the embedded default; the device and dtype a job ru
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -97,6 +98,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32
             ggufs = sorted(p.glob("*.gguf"))
             if not (p / "config.json").exists() and len(ggufs) == 1:
                 gguf_file = ggufs[0].name
+            elif not (p / "config.json").exists():
+                raise LLMPruneError(_folder_without_model(spec, p, ggufs))
         elif p.exists():
             raise LLMPruneError(f"cannot load model {spec!r}: a file that is not .gguf; give a folder, a .gguf or a Hub id")
         elif spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
@@ -104,6 +107,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32
         else:
             where = spec
     if gguf_file:
+        from ..gguf_cache import check_gguf_file
+
+        check_gguf_file(Path(where) / gguf_file)  # a truncated or corrupt file: one line naming it, before any work
         try:
             return _load_gguf(Path(where) / gguf_file, source, dtype, cache_dir, use_cache)
         except LLMPruneError:
@@ -114,11 +120,14 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str = torch.float32
             raise LLMPruneError(_load_error_message(spec, where, e)) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
         if is_out_of_memory(e):
             raise OutOfMemory(f"loading the model {source}", "--dtype bfloat16 (or float16)") from None
         raise LLMPruneError(_load_error_message(spec, where, e)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except Exception as e:  # noqa: BLE001 - turned into one actionable line
+        raise LLMPruneError(_tokenizer_error_message(spec, where, e)) from None
     model.eval()
     if dtype == "auto" and next(model.parameters()).dtype not in (torch.float16, torch.bfloat16):
         model.half()
@@ -229,16 +238,59 @@ def _load_converted(entry: Path, where: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_error_message(spec: str | None, where: str, e: Exception) -> str:
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+def _folder_without_model(spec: str, folder: Path, ggufs: list[Path]) -> str:
+    """What is wrong with a model folder that has no config.json: empty, several GGUF files, or other files."""
+    if ggufs:
+        return (f"cannot load model {spec!r}: the folder holds {len(ggufs)} .gguf files and no config.json; name "
+                f"one file, e.g. --model {folder / ggufs[0].name}")
+    what = "holds no files" if not any(folder.iterdir()) else "has no config.json and no .gguf file"
+    return (f"cannot load model {spec!r}: the folder {folder} {what}; give a folder saved with save_pretrained "
+            "(config.json, the weights and the tokenizer), a .gguf file, or a Hub id")
 
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if Path(where).exists():
-        return f"cannot load model {spec!r} from {where}: {first}"
+
+def _chain(e: BaseException) -> list[BaseException]:
     chain, cur = [], e
     while cur is not None and len(chain) < 10:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _tokenizer_error_message(spec: str | None, where: str, e: Exception) -> str:
+    """One complete sentence for a tokenizer transformers could not build from a model folder (or Hub id)."""
+    from ..errors import summary
+
+    text = " ".join(str(e).split())
+    if "instantiate the backend tokenizer" in text:
+        why = ("it has no tokenizer.json, and no slow tokenizer could be converted (converting one needs "
+               "sentencepiece or tiktoken installed)")
+    elif any(isinstance(c, json.JSONDecodeError) for c in _chain(e)):
+        why = f"a tokenizer file is not valid JSON ({summary(e)})"
+    else:
+        why = f"{type(e).__name__}: {summary(e)}" if isinstance(e, (KeyError, AttributeError)) else summary(e)
+    return (f"cannot build the tokenizer of model {spec!r} from {where}: {why}; save the model's tokenizer into "
+            "the folder (tokenizer.save_pretrained) or install what it needs")
+
+
+def _load_error_message(spec: str | None, where: str, e: Exception) -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    from ..errors import summary
+
+    first = f"{type(e).__name__}: {summary(e)}" if isinstance(e, (KeyError, AttributeError)) else summary(e)
+    field_error = next((c for c in _chain(e) if type(c).__name__ == "StrictDataclassFieldValidationError"), None)
+    if field_error is not None:  # huggingface_hub's check of a config field's type
+        cause = field_error.__cause__ or field_error.__context__
+        detail = summary(cause) if cause is not None else first
+        config = Path(where) / "config.json" if Path(where).exists() else "its config.json"
+        return (f"cannot load model {spec!r}: a config.json field has the wrong type: {detail}; correct it in "
+                f"{config}")
+    if Path(where).exists():
+        if isinstance(e, ValueError) and "model_type" in first and Path(where).is_dir():
+            return (f"cannot load model {spec!r} from {where}: its config.json names no model_type "
+                    "(transformers cannot tell the architecture); add the model_type key, e.g. \"llama\"")
+        return f"cannot load model {spec!r} from {where}: {first}"
+    chain = _chain(e)
     if any(isinstance(c, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) for c in chain) or (
         "offline" in str(e).lower() or "connect" in str(e).lower() or "internet" in str(e).lower()
     ):
@@ -272,6 +324,36 @@ def _drop_gguf_quantization_mark(model: nn.Module) -> None:
             model.is_quantized = False
         except AttributeError:
             pass
+
+
+# ---------------------------------------------------------------- context length
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_NO_LIMIT = 10**7  # tokenizers without a recorded limit say 1e30 (transformers' VERY_LARGE_INTEGER)
+
+
+def context_length(model: nn.Module, tokenizer=None) -> tuple[int, str] | None:
+    """The longest input the model was made for, and where that is recorded: its config's position limit
+    (`max_position_embeddings`, GPT-2's `n_positions`, ...), else the tokenizer's `model_max_length`; None for a
+    model that records none."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in _CONTEXT_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, key
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < _NO_LIMIT:
+        return n, "the tokenizer's model_max_length"
+    return None
+
+
+def check_context(model: nn.Module, tokenizer, seqlen: int, option: str) -> None:
+    """Refuse a window `seqlen` (given by `option`) longer than the model's context, before any work: the
+    positions past it were never trained (or don't exist), so the numbers would mean nothing."""
+    limit = context_length(model, tokenizer)
+    if limit is not None and seqlen > limit[0]:
+        raise LLMPruneError(f"{option} {seqlen} is longer than the model's context of {limit[0]} tokens "
+                            f"({limit[1]}); give {option} {limit[0]} or less")
 
 
 def dtype_label(dtype: torch.dtype) -> str:
