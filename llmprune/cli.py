@@ -330,18 +330,19 @@ def cmd_prune(argv: list[str]) -> int:
                            dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
                            block_cfg=block_cfg, base_model=a.base_model, license=a.license,
                            save_dtype=a.save_dtype, cache_dir=a.cache_dir, use_cache=not a.no_cache)
+    pushed = None
     if a.push_to_hub:
         from .export import push_folder
 
-        res = push_folder(record["output_dir"], a.push_to_hub, private=a.private, revision=a.revision,
+        res = push_folder(record.output_dir, a.push_to_hub, private=a.private, revision=a.revision,
                           base_model=a.base_model, license=a.license)
-        record["pushed"] = res.get("url")
+        pushed = res.get("url")
     if a.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(json.dumps({**record.to_dict(), **({"pushed": pushed} if pushed else {})}, indent=2, default=str))
     else:
         print(format_summary(record))
-        if record.get("pushed"):
-            print(f"pushed: {record['pushed']}")
+        if pushed:
+            print(f"pushed: {pushed}")
     return 0
 
 
@@ -365,44 +366,48 @@ def _calibration_shape(source: str, nsamples: int | None, seqlen: int | None, de
     return int(n), int(length)
 
 
-def format_summary(record: dict) -> str:
-    cfg = record["config"]["prune"]
-    lines = [f"model: {record['model']} ({record['architecture']})"]
-    if record.get("blocks"):
-        b = record["blocks"]
-        lines.append(f"blocks: {record['config']['blocks']['method']} removed {sorted(b['removed'])} "
-                     f"(scoring {b['timings']['scoring']:.1f} s); parameters {b['params_before']:,} -> {b['params_after']:,}")
+def format_summary(record) -> str:
+    """The prune command's summary of a job record (a `JobRecord`, or an llmprune.json dict)."""
+    from .record import JobRecord
+
+    record = JobRecord.of(record)
+    cfg = record.config.prune
+    lines = [f"model: {record.model} ({record.architecture})"]
+    if record.blocks:
+        b = record.blocks
+        lines.append(f"blocks: {record.config.blocks['method']} removed {sorted(b.removed)} "
+                     f"(scoring {b.timings['scoring']:.1f} s); parameters {b.params_before:,} -> {b.params_after:,}")
     if cfg:
         lines.append(f"method: {cfg['method']} {cfg['pattern']}"
                      + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
-                     + f" -> {100 * record['sparsity']:.2f} % of block linear weights are zero" + _zeros_note(record))
-    elif "model_sparsity" in record:
-        lines.append(f"zeros: {100 * record['sparsity']:.2f} % of block linear weights" + _zeros_note(record))
-    if record.get("calibration"):
-        c = record["calibration"]
-        lines.append(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['description']} (sha256 {c['token_sha256'][:12]})")
-    ppl = record["perplexity"]
-    for name in (ppl.get("pruned") or ppl.get("dense") or {}):
-        d = (ppl.get("dense") or {}).get(name)
-        p = (ppl.get("pruned") or {}).get(name)
+                     + f" -> {100 * record.sparsity:.2f} % of block linear weights are zero" + _zeros_note(record))
+    elif record.model_sparsity is not None:
+        lines.append(f"zeros: {100 * record.sparsity:.2f} % of block linear weights" + _zeros_note(record))
+    if record.calibration:
+        c = record.calibration
+        lines.append(f"calibration: {c.nsamples} x {c.seqlen} tokens, {c.description} (sha256 {c.token_sha256[:12]})")
+    ppl = record.perplexity
+    for name in (ppl.pruned or ppl.dense or {}):
+        d = (ppl.dense or {}).get(name)
+        p = (ppl.pruned or {}).get(name)
         proto = d or p
         lines.append(f"{name} perplexity (seqlen {proto['seqlen']}, {proto['windows']} windows): "
                      + (f"dense {d['ppl']:.3f}" if d else "dense -") + " -> " + (f"pruned {p['ppl']:.3f}" if p else "-"))
-    t = record["timings"]
+    t = record.timings
     lines.append(f"prune time: {t['prune_total']:.1f} s (model load {t['load_model']:.1f} s)")
-    if record.get("evaluation"):
-        lines += ["", record["evaluation"]["table"]]
-    if record.get("output_dir"):
-        lines.append(f"saved: {record['output_dir']}")
+    if record.evaluation:
+        lines += ["", record.evaluation["table"]]
+    if record.output_dir:
+        lines.append(f"saved: {record.output_dir}")
     return "\n".join(lines)
 
 
-def _zeros_note(record: dict) -> str:
+def _zeros_note(record) -> str:
     """" (19.30 % of all parameters; 4.55 % were zero before pruning)": the whole model, and before pruning."""
-    if "model_sparsity" not in record:
+    if record.model_sparsity is None:
         return ""
-    before = (record.get("zeros_before") or {}).get("block_linear")
-    return (f" ({100 * record['model_sparsity']:.2f} % of all parameters"
+    before = record.zeros_before.block_linear if record.zeros_before else None
+    return (f" ({100 * record.model_sparsity:.2f} % of all parameters"
             + (f"; {100 * before:.2f} % were zero before pruning" if before is not None else "") + ")")
 
 

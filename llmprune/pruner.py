@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
-from .calibration.placement import BlockShuttle
+from .calibration.data import check_token_ids
+from .calibration.placement import BlockShuttle, auto_batch_size
 from .calibration.runner import sync_compute
 from .config import PruneConfig
 from .errors import LLMPruneError, memory_step, step_detail
 from .masks import apply_mask_
-from .models import find_blocks, in_features, linear_layers, resolve_device, weight_oi
+from .models.arch import find_blocks, in_features, linear_layers, weight_oi
+from .models.load import resolve_device
 from .progress import progress
 from .scorers import SCORERS, Scorer
 
@@ -37,11 +39,6 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _auto_batch_size(tokens: torch.Tensor) -> int:
-    """Calibration windows per block forward: about 16k tokens at a time."""
-    return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
 
 
 def _check_prunable(model: nn.Module, config: PruneConfig) -> None:
@@ -142,10 +139,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         if calibration is None:
             raise LLMPruneError(f"method {config.method} needs calibration data")
         tokens = calibration.tokens
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-            raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
-        batch_size = config.batch_size or _auto_batch_size(tokens)
+        check_token_ids(tokens, model.get_input_embeddings().weight.shape[0])
+        batch_size = config.batch_size or auto_batch_size(tokens)
 
         lower = "a smaller --batch-size, --offload-activations cpu, --dtype bfloat16 or fewer --nsamples"
 
