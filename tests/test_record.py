@@ -45,7 +45,7 @@ def test_saved_llmprune_json_keeps_its_keys_and_reads_back_exactly(tmp_path, tin
     saved = json.loads(text)
     assert list(saved) == TOP_KEYS
     assert list(saved["config"]) == CONFIG_KEYS and list(saved["zeros_after"]) == ZERO_KEYS
-    assert saved["resolved"] == {"comparison_group": "per-layer", "data_dir": {}}  # only what applies
+    assert saved["resolved"] == {"comparison_group": "per-layer", "selection_rule": "exact-k", "data_dir": {}}  # only what applies
     assert saved["calibration"] is None and saved["blocks"] is None  # magnitude: no calibration, no blocks
     back = JobRecord.from_dict(saved)
     assert json.dumps(back.to_dict(), indent=2) + "\n" == text  # the same file, byte for byte, key order included
