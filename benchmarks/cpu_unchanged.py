@@ -46,14 +46,14 @@ def main(argv=None) -> int:
                           device="cpu")
         t = time.perf_counter()
         rec = run_prune_job(None, cfg, calib, ev, eval_dense=(i == 0))
-        ppl = rec["perplexity"]
+        ppl = rec.perplexity
         if i == 0:
-            d = ppl["dense"]["wikitext2"]
+            d = ppl.dense["wikitext2"]
             rows.append({"method": "dense", "pattern": "-", "before": old[("dense", "-")], "after": d["ppl"],
                          "bos": d.get("bos")})
-        r = ppl["pruned"]["wikitext2"]
+        r = ppl.pruned["wikitext2"]
         rows.append({"method": method, "pattern": pattern, "before": old.get((method, pattern)), "after": r["ppl"],
-                     "bos": r.get("bos"), "calibration_sha256": (rec["calibration"] or {}).get("token_sha256"),
+                     "bos": r.get("bos"), "calibration_sha256": rec.calibration.token_sha256 if rec.calibration else None,
                      "seconds": time.perf_counter() - t})
         print(f"{method:10s} {pattern:12s} before {rows[-1]['before']} after {r['ppl']}", flush=True)
     for r in rows:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmprune import PruneConfig, prune  # noqa: E402
-from llmprune.pruner import _auto_batch_size  # noqa: E402
+from llmprune.calibration.placement import auto_batch_size  # noqa: E402
 from llmprune.evaluation.harness import _auto_ppl_batch  # noqa: E402
 from llmprune.evaluation.perplexity import perplexity  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
@@ -236,7 +236,7 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_plac
             sync(dev)
             wall = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-            batch = cfg.batch_size or _auto_batch_size(tokens)
+            batch = cfg.batch_size or auto_batch_size(tokens)
             row = {"method": method, "pattern": pattern, "layers": cpu_model.config.num_hidden_layers,
                    "parameters": sum(p.numel() for p in cpu_model.parameters()), "weights_bytes": weights_bytes,
                    "gpu_total_bytes": gpu_total, "gpu_cap_bytes": int(gpu_cap_gib * 2**30) if gpu_cap_gib else None,

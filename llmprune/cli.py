@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import SELECTIONS
 from .errors import LLMPruneError
 
 SUBCOMMANDS = ("prune", "eval", "sweep", "push", "reproduce")
@@ -156,6 +157,11 @@ BOS_HELP = ("BOS policy of calibration and perplexity windows and zero-shot requ
             "models that need it, e.g. Gemma; else the papers' single stream), always, never (default auto)")
 
 
+SELECTION_HELP = ("mask selection: exact (default: exactly int(sparsity x size) weights per comparison group) or "
+                  "reference (the reference code's rule: per-layer every score <= the k-th smallest, ties included; "
+                  "per-row a stable sort; N:M torch.topk)")
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
 
@@ -189,6 +195,7 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M with N < M")
     g.add_argument("--comparison-group", default=None, choices=None,
                    help="per-row or per-layer (default: the method's reference: magnitude per-layer, wanda per-row, ria per-layer, sparsegpt per-layer)")
+    g.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     from .options import add_option_flags
 
     add_option_flags(g, _method_options())  # --<method>-<option>, generated from each scorer's Options
@@ -303,7 +310,8 @@ def cmd_prune(argv: list[str]) -> int:
     prune_cfg = None if is_block else PruneConfig(
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
         **options_from_args(a, a.method, _method_options()),
-        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations)
+        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
+        selection=a.selection)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=nsamples, seqlen=seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None
@@ -329,18 +337,19 @@ def cmd_prune(argv: list[str]) -> int:
                            dtype=a.dtype, eval_dense=not a.skip_dense_eval, tasks=a.tasks, limit=a.limit,
                            block_cfg=block_cfg, base_model=a.base_model, license=a.license,
                            save_dtype=a.save_dtype, cache_dir=a.cache_dir, use_cache=not a.no_cache)
+    pushed = None
     if a.push_to_hub:
         from .export import push_folder
 
-        res = push_folder(record["output_dir"], a.push_to_hub, private=a.private, revision=a.revision,
+        res = push_folder(record.output_dir, a.push_to_hub, private=a.private, revision=a.revision,
                           base_model=a.base_model, license=a.license)
-        record["pushed"] = res.get("url")
+        pushed = res.get("url")
     if a.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(json.dumps({**record.to_dict(), **({"pushed": pushed} if pushed else {})}, indent=2, default=str))
     else:
         print(format_summary(record))
-        if record.get("pushed"):
-            print(f"pushed: {record['pushed']}")
+        if pushed:
+            print(f"pushed: {pushed}")
     return 0
 
 
@@ -364,44 +373,48 @@ def _calibration_shape(source: str, nsamples: int | None, seqlen: int | None, de
     return int(n), int(length)
 
 
-def format_summary(record: dict) -> str:
-    cfg = record["config"]["prune"]
-    lines = [f"model: {record['model']} ({record['architecture']})"]
-    if record.get("blocks"):
-        b = record["blocks"]
-        lines.append(f"blocks: {record['config']['blocks']['method']} removed {sorted(b['removed'])} "
-                     f"(scoring {b['timings']['scoring']:.1f} s); parameters {b['params_before']:,} -> {b['params_after']:,}")
+def format_summary(record) -> str:
+    """The prune command's summary of a job record (a `JobRecord`, or an llmprune.json dict)."""
+    from .record import JobRecord
+
+    record = JobRecord.of(record)
+    cfg = record.config.prune
+    lines = [f"model: {record.model} ({record.architecture})"]
+    if record.blocks:
+        b = record.blocks
+        lines.append(f"blocks: {record.config.blocks['method']} removed {sorted(b.removed)} "
+                     f"(scoring {b.timings['scoring']:.1f} s); parameters {b.params_before:,} -> {b.params_after:,}")
     if cfg:
         lines.append(f"method: {cfg['method']} {cfg['pattern']}"
                      + (f" sparsity {cfg['sparsity']}" if cfg["sparsity"] is not None else "")
-                     + f" -> {100 * record['sparsity']:.2f} % of block linear weights are zero" + _zeros_note(record))
-    elif "model_sparsity" in record:
-        lines.append(f"zeros: {100 * record['sparsity']:.2f} % of block linear weights" + _zeros_note(record))
-    if record.get("calibration"):
-        c = record["calibration"]
-        lines.append(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['description']} (sha256 {c['token_sha256'][:12]})")
-    ppl = record["perplexity"]
-    for name in (ppl.get("pruned") or ppl.get("dense") or {}):
-        d = (ppl.get("dense") or {}).get(name)
-        p = (ppl.get("pruned") or {}).get(name)
+                     + f" -> {100 * record.sparsity:.2f} % of block linear weights are zero" + _zeros_note(record))
+    elif record.model_sparsity is not None:
+        lines.append(f"zeros: {100 * record.sparsity:.2f} % of block linear weights" + _zeros_note(record))
+    if record.calibration:
+        c = record.calibration
+        lines.append(f"calibration: {c.nsamples} x {c.seqlen} tokens, {c.description} (sha256 {c.token_sha256[:12]})")
+    ppl = record.perplexity
+    for name in (ppl.pruned or ppl.dense or {}):
+        d = (ppl.dense or {}).get(name)
+        p = (ppl.pruned or {}).get(name)
         proto = d or p
         lines.append(f"{name} perplexity (seqlen {proto['seqlen']}, {proto['windows']} windows): "
                      + (f"dense {d['ppl']:.3f}" if d else "dense -") + " -> " + (f"pruned {p['ppl']:.3f}" if p else "-"))
-    t = record["timings"]
+    t = record.timings
     lines.append(f"prune time: {t['prune_total']:.1f} s (model load {t['load_model']:.1f} s)")
-    if record.get("evaluation"):
-        lines += ["", record["evaluation"]["table"]]
-    if record.get("output_dir"):
-        lines.append(f"saved: {record['output_dir']}")
+    if record.evaluation:
+        lines += ["", record.evaluation["table"]]
+    if record.output_dir:
+        lines.append(f"saved: {record.output_dir}")
     return "\n".join(lines)
 
 
-def _zeros_note(record: dict) -> str:
+def _zeros_note(record) -> str:
     """" (19.30 % of all parameters; 4.55 % were zero before pruning)": the whole model, and before pruning."""
-    if "model_sparsity" not in record:
+    if record.model_sparsity is None:
         return ""
-    before = (record.get("zeros_before") or {}).get("block_linear")
-    return (f" ({100 * record['model_sparsity']:.2f} % of all parameters"
+    before = record.zeros_before.block_linear if record.zeros_before else None
+    return (f" ({100 * record.model_sparsity:.2f} % of all parameters"
             + (f"; {100 * before:.2f} % were zero before pruning" if before is not None else "") + ")")
 
 
@@ -518,6 +531,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept less calibration text than nsamples x seqlen tokens")
     p.add_argument("--bos", default="auto", choices=("auto", "always", "never"), help=BOS_HELP)
+    p.add_argument("--selection", default="exact", choices=SELECTIONS, help=SELECTION_HELP)
     p.add_argument("--output-dir", type=_folder, default="sweep", help="folder for sweep.json, sweep.md and the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     return p
@@ -538,7 +552,7 @@ def cmd_sweep(argv: list[str]) -> int:
     data = run_sweep(a.model, a.methods, sparsities, a.patterns, calib, a.tasks, eval_seqlen=a.eval_seqlen or seqlen,
                      max_windows=a.eval_max_windows, limit=a.limit, device=a.device, dtype=a.dtype,
                      output_dir=a.output_dir, overwrite=a.overwrite, cache_dir=a.cache_dir,
-                     use_cache=not a.no_cache)
+                     use_cache=not a.no_cache, selection=a.selection)
     print(data["table"])
     for kind, path in data["files"].items():
         print(f"{kind}: {path}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import LLMPruneError
-from .masks import Pattern  # noqa: F401  (Pattern lived here; the masks room owns it now)
+from .masks import SELECTIONS, Pattern  # noqa: F401  (they lived here; the masks room owns them now)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,15 @@ class PruneConfig(_DictMixin):
     `<method>_<field>` (`ria_alpha`, `sparsegpt_blocksize`, `sparsegpt_percdamp`), are accepted as keyword
     arguments and dict keys: the method's own are folded into `options`; another method's are validated and
     ignored (with a warning when not at their default), as they always were. `cfg.ria_alpha` still reads.
-    `comparison_group=None` takes the method's reference default. `allocation`: how much of each layer is
+    `comparison_group=None` takes the method's reference default. `selection`: "exact" prunes exactly
+    int(sparsity * size) per group; "reference" the reference code's rule (llmprune.masks). `allocation`: how much of each layer is
     pruned (`llmprune.allocation`); `target`: what a decision removes (`llmprune.targets`)."""
 
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
     comparison_group: str | None = None
+    selection: str = "exact"
     options: Any = None  # the method's options; see the class docstring
     allocation: str = "uniform"
     target: str = "mask"
@@ -75,6 +77,10 @@ class PruneConfig(_DictMixin):
             raise LLMPruneError(
                 f"unknown comparison group {self.comparison_group!r}; known: {', '.join(COMPARISON_GROUPS)}"
             )
+        if self.selection not in SELECTIONS:
+            from .registry import unknown_name_message
+
+            raise LLMPruneError(unknown_name_message("selection", str(self.selection), list(SELECTIONS)))
         object.__setattr__(self, "options", make_options(scorer.Options, self.options, self.method))
         scorer.check_options(self.options, pat)
         ALLOCATIONS.get(self.allocation)
@@ -130,6 +136,14 @@ class PruneConfig(_DictMixin):
         pat = self.pattern_spec
         return self.group if pat.kind == "unstructured" else f"per-{pat.m}-block"
 
+    @property
+    def selection_rule(self) -> str:
+        """The mask rule used: "exact-k", or the references' "threshold-le" (per-layer), "stable-sort-k"
+        (per-row) or "topk-k" (N:M); see llmprune.masks.selection_rule."""
+        from .masks import selection_rule
+
+        return selection_rule(self.pattern_spec, self.group, self.selection)
+
 
 def _flat_options() -> dict[str, tuple[str, str]]:
     """Flat key -> (method, option) for every option of every registered method ("ria_alpha" -> ("ria", "alpha"))."""
@@ -184,15 +198,17 @@ def _init_with_flat_options(self, *args, **kwargs) -> None:
     flat = {k: kwargs.pop(k) for k in list(kwargs) if k not in _PRUNE_FIELDS}
     if flat:
         method = kwargs.get("method", args[0] if args else PruneConfig.method)
-        opts = args[4] if len(args) > 4 else kwargs.pop("options", None)
-        if len(args) > 4:
-            args = args[:4] + (_fold_flat_options(method, opts, flat),) + args[5:]
+        at = _OPTIONS_AT
+        opts = args[at] if len(args) > at else kwargs.pop("options", None)
+        if len(args) > at:
+            args = args[:at] + (_fold_flat_options(method, opts, flat),) + args[at + 1:]
         else:
             kwargs["options"] = _fold_flat_options(method, opts, flat)
     _generated_init(self, *args, **kwargs)
 
 
 _PRUNE_FIELDS = frozenset(f.name for f in fields(PruneConfig))
+_OPTIONS_AT = [f.name for f in fields(PruneConfig)].index("options")  # its position among the arguments
 PruneConfig.__init__ = _init_with_flat_options  # type: ignore[method-assign]
 
 
@@ -244,4 +260,4 @@ class EvalConfig(_DictMixin):
             raise LLMPruneError(f"max_windows must be >= 1, got {self.max_windows}")
 
 
-__all__ = ["Pattern", "PruneConfig", "CalibrationConfig", "EvalConfig", "COMPARISON_GROUPS", "field"]
+__all__ = ["Pattern", "PruneConfig", "CalibrationConfig", "EvalConfig", "COMPARISON_GROUPS", "SELECTIONS", "field"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LLMPruneError
-from .models import Blocks, find_blocks
+from .models.arch import Blocks, find_blocks
 
 log = logging.getLogger(__name__)
 

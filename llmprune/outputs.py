@@ -398,6 +398,24 @@ def _install(tmp: Path, r: OutputReservation) -> Path:
     return out
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write one text file atomically: into a temporary file beside `path`, flushed to disk, then renamed over it
+    (os.replace), so readers see the old file or the new one, never half of one, and a hard-linked original is
+    replaced, never written through. Nothing is left behind on failure. Returns the path."""
+    p = Path(path)
+    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
 def write_output_dir(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
                      reservation: OutputReservation | None = None, need: int | None = None,
                      what: str = "the output") -> Path:
@@ -437,5 +455,5 @@ def write_output_dir(out_dir: str | os.PathLike, write: Callable[[Path], None], 
 
 
 __all__ = ["check_output_dir", "check_writable", "check_free_space", "reserve_output_dir", "OutputReservation",
-           "write_output_dir", "rename_noreplace", "swap_in", "output_errors", "free_bytes", "is_disk_full",
+           "write_output_dir", "write_text_atomic", "rename_noreplace", "swap_in", "output_errors", "free_bytes", "is_disk_full",
            "LOCK_NAME"]

@@ -14,11 +14,13 @@ from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
 from .errors import memory_step, named_steps, set_step
 from .evaluation.perplexity import load_eval_tokens, perplexity
-from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, check_output_dir, checkpoint_bytes, dtype_label, load_model,
+from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
 from .models import check_context
-from .outputs import check_free_space, check_writable, output_errors, reserve_output_dir, write_output_dir
+from .outputs import (check_free_space, check_output_dir, check_writable, output_errors, reserve_output_dir,
+                      write_output_dir)
 from .pruner import prune
+from .record import JobConfig, JobRecord, Perplexity
 from .scorers import SCORERS
 from .versions import package_versions
 
@@ -48,7 +50,7 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
 
 
 def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
-                  eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False, **job) -> dict:
+                  eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False, **job) -> JobRecord:
     """`_run_prune_job` with `output_dir` checked and locked before any work, for the whole run (so a second run
     on the same folder refuses at once), and the lock removed at the end whatever happens (llmprune.outputs)."""
     with reserve_output_dir(output_dir, overwrite) if output_dir else contextlib.nullcontext() as reservation:
@@ -62,13 +64,14 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
                    dtype: str = "auto", eval_dense: bool = True, tasks=(), limit: int | None = None,
                    block_cfg=None, base_model: str | None = None, license: str | None = None,
                    save_dtype: str = "auto", cache_dir: str | None = None, use_cache: bool = True,
-                   reservation=None) -> dict:
+                   reservation=None) -> JobRecord:
     """Load `model_spec`, remove blocks with `block_cfg` (a BlockPruneConfig) if given, then prune weights with
     `prune_cfg` if given (calibrated on the model that remains), on `calib_cfg` windows; report perplexity before and after,
     and save it atomically to `output_dir` with llmprune.json. `tasks` (perplexity datasets and lm-eval zero-shot
     tasks) are evaluated on the pruned model too, into results.json/results.md. The model is saved in
     `save_dtype` (`auto`: the checkpoint's own precision, see `resolve_save_dtype`); a GGUF's conversion is cached
-    in `cache_dir` unless not `use_cache` (see `load_model`). Returns that record.
+    in `cache_dir` unless not `use_cache` (see `load_model`). Returns that record (a `JobRecord`: its
+    `to_dict()` is llmprune.json, with `output_dir` added).
 
     The record holds no absolute local path (`export.provenance`: the model by name or Hub id, `base_model` the
     Hub id of a local model, data files by relative path and sha256), nor does any file saved with it."""
@@ -111,7 +114,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     zeros_before = zero_counts(model)  # e.g. a dequantized GGUF already holds exact zeros
 
     if block_cfg is not None:
-        from .models import find_blocks
+        from .models.arch import find_blocks
 
         block_cfg.blocks_to_remove(len(find_blocks(model)))  # refuse K >= blocks before any work
     calibration = None
@@ -170,43 +173,44 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
     set_step("building the record")
     save_to = resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)
-    record = {
-        "model": loaded.source,
-        "architecture": type(model).__name__,
-        "config": {"prune": prune_cfg.to_dict() if prune_cfg else None,
-                   "blocks": block_cfg.to_dict() if block_cfg else None, "calibration": calib_cfg.to_dict(),
-                   "eval": eval_cfg.to_dict() if eval_cfg else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                   "save_dtype": dtype_label(save_to)},
-        "calibration": calibration.to_dict() if calibration is not None else None,
-        "seed": calib_cfg.seed,
-        "versions": package_versions(),
-        "device": str(device),
-        "gguf": {**loaded.gguf, "from_cache": loaded.from_cache} if loaded.gguf else None,
-        "blocks": block_report,
-        "sparsity": report.sparsity if report else zeros_after["block_linear"],  # zeros of the blocks' linear weights
-        "model_sparsity": zeros_after["model"],  # zeros of all parameters, embeddings included, tied ones once
-        "zeros_before": zeros_before,
-        "zeros_after": zeros_after,
-        "resolved": _resolved(prune_cfg, calib_cfg, eval_cfg if after is not None else None, calibration, evaluation),
-        "layer_sparsity": report.layer_sparsity if report else {},
-        "timings": timings,
-        "block_timings": report.block_timings if report else [],
-        "peak_memory": report.peak_memory if report else None,
-        "perplexity": {"dense": before, "pruned": after},
-        "evaluation": evaluation,
-    }
+    record = JobRecord(
+        model=loaded.source,
+        architecture=type(model).__name__,
+        config=JobConfig(prune=prune_cfg.to_dict() if prune_cfg else None,
+                         blocks=block_cfg.to_dict() if block_cfg else None, calibration=calib_cfg.to_dict(),
+                         eval=eval_cfg.to_dict() if eval_cfg else None, dtype=dtype_label(next(model.parameters()).dtype),
+                         save_dtype=dtype_label(save_to)),
+        calibration=calibration.to_dict() if calibration is not None else None,
+        seed=calib_cfg.seed,
+        versions=package_versions(),
+        device=str(device),
+        gguf={**loaded.gguf, "from_cache": loaded.from_cache} if loaded.gguf else None,
+        blocks=block_report,
+        sparsity=report.sparsity if report else zeros_after["block_linear"],  # zeros of the blocks' linear weights
+        model_sparsity=zeros_after["model"],  # zeros of all parameters, embeddings included, tied ones once
+        zeros_before=zeros_before,
+        zeros_after=zeros_after,
+        resolved=_resolved(prune_cfg, calib_cfg, eval_cfg if after is not None else None, calibration, evaluation),
+        layer_sparsity=report.layer_sparsity if report else {},
+        timings=timings,
+        block_timings=report.block_timings if report else [],
+        peak_memory=report.peak_memory if report else None,
+        perplexity=Perplexity(dense=before, pruned=after),
+        evaluation=evaluation,
+    )
     from .export.provenance import portable_record, scrub_folder
 
-    record, scrubber = portable_record(record, loaded.source, output_dir=output_dir, base_model=base_model,
-                                       license=license, data_dirs=[calib_cfg.data_dir, eval_cfg and eval_cfg.data_dir])
+    portable, scrubber = portable_record(record.to_dict(), loaded.source, output_dir=output_dir, base_model=base_model,
+                                         license=license, data_dirs=[calib_cfg.data_dir, eval_cfg and eval_cfg.data_dir])
+    record = JobRecord.from_dict(portable)
     if output_dir:
         t = time.perf_counter()
         set_step("saving")
-        files = {"llmprune.json": record}
+        files = {"llmprune.json": record.to_dict()}
         if evaluation is not None:
-            files["results.json"] = {"model": record["model"], "pruning": record["config"],
-                                     "resolved": record["resolved"], "results": record["evaluation"],
-                                     "versions": record["versions"]}
+            files["results.json"] = {"model": record.model, "pruning": record.config.to_dict(),
+                                     "resolved": record.resolved.to_dict(), "results": record.evaluation,
+                                     "versions": record.versions}
 
         def extra(folder: Path) -> None:
             from .export import write_card
@@ -215,10 +219,10 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
             if evaluation is not None:
                 from .evaluation.harness import results_header
 
-                title = f"Evaluation of {record['model']} after {_label(prune_cfg, block_cfg)}"
-                head = results_header(title, [record["evaluation"]], limit=limit,
+                title = f"Evaluation of {record.model} after {_label(prune_cfg, block_cfg)}"
+                head = results_header(title, [record.evaluation], limit=limit,
                                       max_windows=eval_cfg.max_windows if eval_cfg else None)
-                (folder / "results.md").write_text(head + record["evaluation"]["table"] + "\n")
+                (folder / "results.md").write_text(head + record.evaluation["table"] + "\n")
             if block_report is not None:
                 from .blocks import plot_block_scores
 
@@ -233,7 +237,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
 
         path = save_pretrained_atomic(model, tokenizer, output_dir, files, overwrite=overwrite, extra=extra_then_scrub,
                                       reservation=reservation)
-        record["output_dir"] = str(Path(path))
+        record = record.with_output_dir(str(Path(path)))
         log.info("saved in %.1f s", time.perf_counter() - t)
     return record
 
@@ -246,6 +250,7 @@ def _resolved(prune_cfg, calib_cfg, eval_cfg, calibration, evaluation) -> dict:
     out: dict = {}
     if prune_cfg is not None:
         out["comparison_group"] = prune_cfg.effective_group
+        out["selection_rule"] = prune_cfg.selection_rule
     dirs = {}
     if calibration is not None and calib_cfg.source in NAMED_SOURCES:
         dirs["calibration"] = _data_dir_label(calib_cfg.data_dir)
@@ -376,7 +381,7 @@ def run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: 
 def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg: CalibrationConfig, tasks, *,
                eval_seqlen: int, max_windows: int | None = None, limit: int | None = None, device: str = "auto",
                dtype: str = "auto", output_dir: str = "sweep", overwrite: bool = False, cache_dir: str | None = None,
-               use_cache: bool = True, reservation=None) -> dict:
+               use_cache: bool = True, reservation=None, selection: str = "exact") -> dict:
     """Prune and evaluate every (method, pattern, sparsity) point from one dense copy; one results file, a
     table and plots. Calibration windows and evaluation texts are loaded once and shared by all points. The BOS
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
@@ -400,7 +405,7 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
         SCORERS.get(method)
         for pattern in patterns:
             for s in (sparsities if pattern == "unstructured" else [None]):
-                PruneConfig(method=method, pattern=pattern, sparsity=s)  # validate every point up front
+                PruneConfig(method=method, pattern=pattern, sparsity=s, selection=selection)  # validate up front
                 points.append((method, pattern, s))
     dev = resolve_device(device)
     set_step("loading the model")
@@ -426,20 +431,20 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     for method, pattern, s in points:
         set_step(f"{method} {pattern}" + (f" {s:g}" if s is not None else ""))
         model = copy.deepcopy(dense_model)
-        cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device)
+        cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, device=device, selection=selection)
         rep = prune(model, cfg, calibration)
         res = evaluate(model, tok, tasks, seqlen=eval_seqlen, limit=limit, device=dev, data_dir=calib_cfg.data_dir,
                        max_windows=max_windows, bos=calib_cfg.bos)
         records.append({"method": method, "pattern": pattern, "sparsity": rep.sparsity if s is None else s,
                         "measured_sparsity": rep.sparsity, "group": cfg.effective_group, "prune_seconds": rep.timings["prune_total"],
-                        "layer_sparsity": rep.layer_sparsity, "results": res})
+                        "selection_rule": cfg.selection_rule, "layer_sparsity": rep.layer_sparsity, "results": res})
         del model
     for r in records:
         r["ppl"] = {k: v["ppl"] for k, v in r["results"]["perplexity"].items()}
     data = {"model": loaded.source, "calibration": calibration.to_dict() if calibration else None,
             "config": {"methods": list(methods), "sparsities": list(sparsities), "patterns": list(patterns),
                        "tasks": list(tasks), "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit,
-                       "calibration": calib_cfg.to_dict()},
+                       "selection": selection, "calibration": calib_cfg.to_dict()},
             "resolved": {"data_dir": _data_dir_label(calib_cfg.data_dir)},
             "records": records, "versions": package_versions()}
     from .export.provenance import portable_record

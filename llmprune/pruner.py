@@ -11,12 +11,14 @@ from torch import nn
 
 from .allocation import ALLOCATIONS, Allocation, UnitRef, check_plan
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
-from .calibration.placement import BlockShuttle
+from .calibration.data import check_token_ids
+from .calibration.placement import BlockShuttle, auto_batch_size
 from .calibration.runner import sync_compute
 from .config import PruneConfig
 from .errors import LLMPruneError, memory_step, step_detail
 from .masks import Pattern
-from .models import find_blocks, resolve_device, weight_oi
+from .models.arch import find_blocks, weight_oi
+from .models.load import resolve_device
 from .progress import progress
 from .scorers import SCORERS, Scorer
 from .stats import pass_for, require_stats
@@ -42,9 +44,6 @@ class PruneReport:
         return dict(self.__dict__)
 
 
-def _auto_batch_size(tokens: torch.Tensor) -> int:
-    """Calibration windows per block forward: about 16k tokens at a time."""
-    return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
 
 
 def _peak_host_memory() -> int | None:
@@ -139,9 +138,7 @@ def _check_calibration(model: nn.Module, calibration: CalibrationData | None, me
     if calibration is None:
         raise LLMPruneError(f"method {method} needs calibration data")
     tokens = calibration.tokens
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
+    check_token_ids(tokens, model.get_input_embeddings().weight.shape[0])
     return tokens
 
 
@@ -201,7 +198,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
     if the_pass == "backward":
         raise LLMPruneError(f"method {config.method} needs a backward pass, which this version does not run")
     tokens = _check_calibration(model, calibration, config.method) if the_pass == "forward" else None
-    batch_size = (config.batch_size or _auto_batch_size(tokens)) if tokens is not None else 0
+    batch_size = (config.batch_size or auto_batch_size(tokens)) if tokens is not None else 0
     if parts.allocation.prepass:
         _plan(model, parts, config, _prepass(model, parts, tokens, config, device, batch_size))
     if device.type == "cuda":

@@ -432,20 +432,26 @@ def cell_metric(recipe: Recipe) -> str | None:
     return None
 
 
-def measured_value(recipe: Recipe, record: Mapping, metric: str | None = None) -> Any:
-    """Our value of `metric` (default: `cell_metric(recipe)`) read from a run record (run_prune_job's or
-    run_eval_job's)."""
+def measured_value(recipe: Recipe, record, metric: str | None = None) -> Any:
+    """Our value of `metric` (default: `cell_metric(recipe)`) read from a run record: run_prune_job's `JobRecord`
+    (or its llmprune.json dict), or run_eval_job's dict (its `results`)."""
+    from .record import JobRecord
+
     metric = metric or cell_metric(recipe)
     if metric is None:
         return None
+    if isinstance(record, Mapping) and "results" in record and "config" not in record:  # run_eval_job's record
+        m = _PPL_METRIC.match(metric)
+        r = ((record.get("results") or {}).get("perplexity") or {}).get(m.group(1)) if m else None
+        return _ppl_value(r)
+    record = JobRecord.of(record)
     m = _PPL_METRIC.match(metric)
     if m:
         return _ppl_of(record, m.group(1))
-    blocks = record.get("blocks") or {}
+    blocks = record.blocks
     if metric == "removed_blocks":
-        removed = blocks.get("removed")
-        return sorted(removed) if removed is not None else None
-    scores = blocks.get("scores")
+        return sorted(blocks.removed) if blocks is not None and blocks.removed is not None else None
+    scores = blocks.scores if blocks is not None else None
     if scores is None:
         return None
     if metric == "block_order":
@@ -454,15 +460,16 @@ def measured_value(recipe: Recipe, record: Mapping, metric: str | None = None) -
     return scores[i] if i < len(scores) else None
 
 
-def _ppl_of(record: Mapping, dataset: str) -> float | None:
-    ppl = record.get("perplexity") or {}
-    for stage in ("pruned", "dense"):
-        r = (ppl.get(stage) or {}).get(dataset)
+def _ppl_value(r) -> float | None:
+    return r["ppl"] if isinstance(r, Mapping) else r
+
+
+def _ppl_of(record, dataset: str) -> float | None:
+    """Perplexity on `dataset` of a JobRecord: after pruning, else of the dense model."""
+    for stage in (record.perplexity.pruned, record.perplexity.dense):
+        r = (stage or {}).get(dataset)
         if r is not None:
-            return r["ppl"] if isinstance(r, Mapping) else r
-    r = ((record.get("results") or {}).get("perplexity") or {}).get(dataset)  # run_eval_job's record
-    if r is not None:
-        return r["ppl"] if isinstance(r, Mapping) else r
+            return _ppl_value(r)
     return None
 
 

@@ -11,19 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLMPruneError
+from .record import JobRecord
 from .recipe import (Recipe, cell_metric, compare, load_table, measured_value, ordering_checks, render_comparison,
                      render_orderings, table_title, with_data_dir)
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Recipe], Mapping]
+Runner = Callable[[Recipe], JobRecord | Mapping]
 
 
 def model_availability(model: str | None) -> tuple[bool, str]:
     """(can it be loaded here?, why not). The embedded default needs its package; a local path must exist; a Hub
     id counts when its config.json is in the local Hugging Face cache, or when the Hub answers (not offline)."""
     if model is None:
-        from .models import default_model_path
+        from .models.load import default_model_path
 
         try:
             default_model_path()
@@ -82,7 +83,7 @@ def _calibration_availability(recipe: Recipe) -> tuple[bool, str]:
     return True, ""
 
 
-def run_recipe(recipe: Recipe) -> dict:
+def run_recipe(recipe: Recipe) -> JobRecord | dict:
     """The default runner: run_prune_job with the recipe's configs (run_eval_job for a dense cell). Nothing is
     saved; the dense model is not evaluated again in pruning cells (the table has its own dense cells)."""
     from .pipeline import run_eval_job, run_prune_job
@@ -115,7 +116,9 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     recipes = load_table(table_path)
     title = table_title(table_path)
     runner = runner or run_recipe
-    data_dir = data_dir if data_dir is not None else os.environ.get("LLMPRUNE_DATA_DIR")
+    from .calibration.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(data_dir)  # given, else $LLMPRUNE_DATA_DIR, else None
     plan: list[tuple[Recipe, str, str]] = []  # (recipe, status, reason); status "run" | "skipped"
     unavailable = []
     for r in recipes:
@@ -145,14 +148,14 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
             log.info("cell %d/%d: %s", i + 1, len(plan), r.name)
             t = time.perf_counter()
             try:
-                record = dict(runner(r))
+                record = runner(r)  # a JobRecord (pruning), or run_eval_job's dict (a dense cell)
             except LLMPruneError as e:
                 log.warning("cell %s failed: %s", r.name, e)
                 cell.update(status="failed", reason=str(e))
             else:
                 cell["status"] = "ok"
                 cell["seconds"] = time.perf_counter() - t
-                cell["record"] = record
+                cell["record"] = record.to_dict() if isinstance(record, JobRecord) else dict(record)
                 cell["ours"] = measured_value(r, record)
                 if r.paper is not None:
                     cell.update(compare(r.paper, cell["ours"]))

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import LLMPruneError
 from .masks import Pattern, apply_mask_
-from .models import in_features, linear_layers, weight_oi
+from .models.arch import in_features, linear_layers, weight_oi
 from .registry import Registry
 from .stats import LayerStats
 

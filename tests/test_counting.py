@@ -61,10 +61,6 @@ def test_zero_counts_are_exact_and_count_tied_weights_once():
     z = zero_counts(model)
     assert z == {"block_linear": lin_zeros / lin, "model": all_zeros / total, "block_linear_zeros": lin_zeros,
                  "block_linear_params": lin, "model_zeros": all_zeros, "model_params": total}
-    from llmprune.evaluation import sparsity_summary
-
-    summary = sparsity_summary(model)
-    assert summary["total_params"] == total and summary["nonzero_params"] == total - all_zeros
 
 
 def _saved(tmp_path, model, tok, name="base"):
@@ -86,36 +82,37 @@ def test_prune_record_zeros_before_model_sparsity_and_resolved_values(tmp_path, 
     rec = run_prune_job(str(src), PruneConfig(method="wanda", sparsity=0.5, device="cpu"), calib,
                         EvalConfig(datasets=("wikitext2",), seqlen=16, max_windows=1), output_dir=str(out))
 
-    assert rec["zeros_before"] == {"block_linear": lin_zeros / lin, "model": all_zeros / total,
+    assert rec.zeros_before.to_dict() == {"block_linear": lin_zeros / lin, "model": all_zeros / total,
                                    "block_linear_zeros": lin_zeros, "block_linear_params": lin,
                                    "model_zeros": all_zeros, "model_params": total}
     # Wanda per row: the int(0.5 x width) lowest scores of every row become zero, the preset zeros among them
     # (score 0). The 3 all-zero rows of q_proj keep all 32 zeros, 16 more than half; down_proj's row 0 had 10 < 32.
     # Outside the blocks only the 5 embedding zeros remain (embeddings are never pruned).
     lin_after = lin // 2 + 3 * 16
-    assert rec["zeros_after"]["block_linear_zeros"] == lin_after and rec["sparsity"] == lin_after / lin
-    assert rec["zeros_after"]["model_zeros"] == lin_after + 5
-    assert rec["model_sparsity"] == (lin_after + 5) / total
-    assert rec["config"]["prune"]["comparison_group"] is None and rec["config"]["calibration"]["data_dir"] is None
-    assert rec["resolved"]["comparison_group"] == "per-row"
+    assert rec.zeros_after.block_linear_zeros == lin_after and rec.sparsity == lin_after / lin
+    assert rec.zeros_after.model_zeros == lin_after + 5
+    assert rec.model_sparsity == (lin_after + 5) / total
+    assert rec.config.prune["comparison_group"] is None and rec.config.calibration["data_dir"] is None
+    assert rec.resolved.comparison_group == "per-row"
     # the data folder that was read, as every saved path: portable (export.provenance), its files under data_files
-    assert rec["resolved"]["data_dir"] == {"calibration": "<data-dir>", "eval": "<data-dir>"}
+    assert rec.resolved.data_dir == {"calibration": "<data-dir>", "eval": "<data-dir>"}
 
     saved = json.loads((out / "llmprune.json").read_text())
-    assert saved["model_sparsity"] == rec["model_sparsity"] and saved["zeros_before"] == rec["zeros_before"]
-    assert saved["resolved"] == rec["resolved"]
+    assert saved["model_sparsity"] == rec.model_sparsity and saved["zeros_before"] == rec.zeros_before.to_dict()
+    assert saved["resolved"] == rec.resolved.to_dict()
+    assert {**saved, "output_dir": rec.output_dir} == rec.to_dict()  # the file is the record
 
     line = next(x for x in format_summary(rec).splitlines() if x.startswith("method:"))
     assert line.endswith(f"-> {100 * lin_after / lin:.2f} % of block linear weights are zero "
                          f"({100 * (lin_after + 5) / total:.2f} % of all parameters; {100 * lin_zeros / lin:.2f} % were "
                          "zero before pruning)")
     card = (out / "README.md").read_text()
-    assert f"| zeros in the whole model (all parameters, embeddings included) | {100 * rec['model_sparsity']:.2f} %" in card
+    assert f"| zeros in the whole model (all parameters, embeddings included) | {100 * rec.model_sparsity:.2f} %" in card
     assert (f"| zeros before pruning (blocks' linear layers / whole model) | {100 * lin_zeros / lin:.2f} % / "
             f"{100 * all_zeros / total:.2f} % |") in card
     assert "| comparison group | per-row (the method's default) |" in card
     assert (f"({100 * lin_after / lin:.2f} % of the blocks' linear weights are exact zeros, "
-            f"{100 * rec['model_sparsity']:.2f} % of all parameters)") in card
+            f"{100 * rec.model_sparsity:.2f} % of all parameters)") in card
 
 
 def test_resolved_group_of_n_m_and_given_groups():
@@ -136,11 +133,11 @@ def test_block_only_job_records_measured_zeros(tmp_path):
     rec = run_prune_job(str(src), None, CalibrationConfig(source="c4", nsamples=2, seqlen=16, data_dir=str(data_dir())),
                         None, block_cfg=BlockPruneConfig("block-influence", num_blocks=1, protect=(0,), device="cpu"))
     lin_after = _block_linear_params(model) // 2
-    assert rec["blocks"]["removed"] == [1]
-    assert rec["zeros_before"]["block_linear_zeros"] == 2 * 32
-    assert rec["sparsity"] == 2 * 32 / lin_after and rec["zeros_after"]["block_linear_params"] == lin_after
-    assert "comparison_group" not in rec["resolved"]
-    assert rec["resolved"]["data_dir"] == {"calibration": "<data-dir>"}
+    assert rec.blocks.removed == [1]
+    assert rec.zeros_before.block_linear_zeros == 2 * 32
+    assert rec.sparsity == 2 * 32 / lin_after and rec.zeros_after.block_linear_params == lin_after
+    assert "comparison_group" not in rec.to_dict()["resolved"]
+    assert rec.resolved.data_dir == {"calibration": "<data-dir>"}
     assert "zeros: " in format_summary(rec) and "were zero before pruning" in format_summary(rec)
 
 

@@ -292,7 +292,7 @@ def test_other_libraries_bars_are_routed_through_progress(monkeypatch):
     llmprune.progress's, so -q hides it and a log gets plain lines; afterwards it is transformers' own again."""
     from transformers import modeling_gguf_pytorch_utils as gguf
 
-    from llmprune.models import _gguf_bars
+    from llmprune.models.load import _gguf_bars
 
     own = gguf.tqdm
     with _gguf_bars():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLMPruneError
-from ..models import find_blocks, linear_layers
+from ..models.arch import find_blocks, linear_layers
 from .backends import BACKENDS, SUPPORTED_DTYPES, available_backends, cslt_api, shape_fits
 from .layer import NEVER, TIMING_MODES, Sparse24Linear
 from .ops import is_2of4

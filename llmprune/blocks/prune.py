@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationData
+from ..calibration.data import check_token_ids
+from ..calibration.placement import auto_batch_size
 from ..errors import LLMPruneError, memory_step
-from ..models import find_blocks, linear_layers, resolve_device, weight_oi
+from ..models.arch import find_blocks, linear_layers, weight_oi
+from ..models.load import resolve_device
 from .base import BLOCK_SCORERS, BlockScorer
 from .config import BlockPruneConfig
 from .removal import check_removable, normalize_indices, num_params, remove_blocks
@@ -22,11 +25,6 @@ from .states import boundary_totals, skip_totals
 log = logging.getLogger(__name__)
 
 
-def auto_batch_size(tokens: torch.Tensor) -> int:
-    """Calibration windows per block forward: about 16k tokens at a time."""
-    return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
-
-
 def _check_tokens(model: nn.Module, tokens) -> torch.Tensor:
     if isinstance(tokens, CalibrationData):
         tokens = tokens.tokens
@@ -34,9 +32,7 @@ def _check_tokens(model: nn.Module, tokens) -> torch.Tensor:
         raise LLMPruneError("calibration tokens must be an integer tensor of shape (windows, seqlen)")
     if tokens.shape[0] < 1 or tokens.shape[1] < 2:
         raise LLMPruneError(f"calibration tokens need at least one window of >= 2 tokens, got {tuple(tokens.shape)}")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise LLMPruneError(f"calibration token ids must lie in [0, {vocab}) for this model")
+    check_token_ids(tokens, model.get_input_embeddings().weight.shape[0])
     return tokens.long()
 
 

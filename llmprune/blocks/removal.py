@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
-from ..models import Blocks, find_blocks
+from ..models.arch import Blocks, find_blocks
 
 log = logging.getLogger(__name__)
 

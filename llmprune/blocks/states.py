@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import BlockContext, run_sequential
 from ..calibration.capture import BlockCall
 from ..logits import chunk_tokens, logits_budget, next_token_targets, split_model, token_chunks, vocab_size
-from ..models import Blocks, find_blocks
+from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .base import BlockScorer
 
@@ -36,17 +36,6 @@ log = logging.getLogger(__name__)
 def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The calibration windows in the runner's batches."""
     return [tokens[b0 : b0 + batch_size] for b0 in range(0, tokens.shape[0], batch_size)]
-
-
-def _offload_policy(model: nn.Module, tokens: torch.Tensor, device: torch.device, copies: int) -> str:
-    """Keep `copies` cached activations on the accelerator when they fit in half its free memory."""
-    if device.type != "cuda":
-        return "cpu"
-    dtype = next(model.parameters()).dtype
-    hidden = model.config.get_text_config().hidden_size
-    need = copies * tokens.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return "device" if need < 0.5 * free else "cpu"
 
 
 @torch.no_grad()
@@ -70,8 +59,7 @@ def boundary_totals(model: nn.Module, tokens: torch.Tensor, scorer: BlockScorer,
             add(ctx.index, ctx.inputs, ctx.forward(keep_outputs=True))
 
     run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                   offload_activations=_offload_policy(model, tokens, device, 3), desc=f"{scorer.name}: score",
-                   writeback=False)
+                   activation_copies=3, desc=f"{scorer.name}: score", writeback=False)
     return totals  # type: ignore[return-value]
 
 
@@ -106,8 +94,7 @@ def cache_block_states(model: nn.Module, tokens: torch.Tensor, *, device: torch.
 
     n = len(find_blocks(model))
     run_sequential(model, tokens, process, device=device, batch_size=batch_size,
-                   offload_activations=_offload_policy(model, tokens, device, n + 1), desc=desc,
-                   writeback=False)
+                   activation_copies=n + 1, desc=desc, writeback=False)  # every block's inputs are kept
     return cache
 
 

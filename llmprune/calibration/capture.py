@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
-from ..models import Blocks
+from ..models.arch import Blocks
 from .placement import move_block, return_block
 
 log = logging.getLogger(__name__)

@@ -72,6 +72,12 @@ def token_hash(tokens: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Refuse calibration token ids outside [0, vocab_size): the rows of the model's input embedding."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise LLMPruneError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """`data_dir` if given, else $LLMPRUNE_DATA_DIR, else None (use the Hugging Face Hub)."""
     d = data_dir or os.environ.get(DATA_DIR_ENV)
@@ -322,10 +328,8 @@ def load_calibration(cfg: CalibrationConfig, tokenizer=None, vocab_size: int | N
             f"unknown calibration source {src!r}: give a named dataset ({', '.join(NAMED_SOURCES)}), "
             f"a text file ({', '.join(TEXT_SUFFIXES)}) or a token file ({', '.join(TOKEN_SUFFIXES)})"
         )
-    if vocab_size is not None and data.tokens.numel() and (
-        int(data.tokens.min()) < 0 or int(data.tokens.max()) >= vocab_size
-    ):
-        raise LLMPruneError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
+    if vocab_size is not None:
+        check_token_ids(data.tokens, vocab_size)
     log.info("calibration: %d x %d tokens from %s (sha256 %s, BOS %s)", data.nsamples, data.seqlen, data.description,
              data.sha256[:16], data.bos.resolved if data.bos is not None else "-")
     return data

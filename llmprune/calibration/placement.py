@@ -1,4 +1,6 @@
-"""Moving a block (or the model outside its blocks) to the accelerator and back into the same host memory.
+"""Where calibration runs: the windows per block forward (`auto_batch_size`), where the activations live
+(`choose_activation_device`), and moving a block (or the model outside its blocks) to the accelerator and back
+into the same host memory.
 
 `move_block`/`return_block` do it synchronously. `BlockShuttle` overlaps the transfers with the computation on
 a CUDA device: while block i runs, block i+1 is copied to the device and block i-1 is copied back, on a side
@@ -12,6 +14,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+
+
+def auto_batch_size(tokens: torch.Tensor) -> int:
+    """Calibration windows per block forward: about 16k tokens at a time."""
+    return max(1, min(tokens.shape[0], 16384 // max(1, tokens.shape[1])))
+
+
+def choose_activation_device(tokens: torch.Tensor, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                             policy: str = "auto", copies: int = 2) -> torch.device:
+    """Where the calibration activations live (`--offload-activations`): `cpu`, `device`, or `auto`: on a CUDA
+    accelerator when `copies` activations of every window (inputs and outputs: 2) fit in half its free memory,
+    else in host memory."""
+    if device.type == "cpu" or policy == "cpu":
+        return torch.device("cpu")
+    if policy == "device":
+        return device
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = copies * tokens.numel() * hidden_size * torch.tensor([], dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.5 * free else torch.device("cpu")
 
 
 def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:

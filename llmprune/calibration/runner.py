@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError, step_detail
-from ..models import Blocks, find_blocks
+from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .capture import BlockCall, capture_block_inputs
 from .observe import StopBlockForward
-from .placement import BlockShuttle
+from .placement import BlockShuttle, choose_activation_device
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +69,26 @@ class BlockContext:
         return outs
 
 
-def choose_activation_device(tokens: torch.Tensor, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                             policy: str = "auto") -> torch.device:
-    """Keep the calibration activations on the accelerator when inputs + outputs fit in half its free memory."""
-    if device.type == "cpu" or policy == "cpu":
-        return torch.device("cpu")
-    if policy == "device":
-        return device
-    need = 2 * tokens.numel() * hidden_size * torch.tensor([], dtype=dtype).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need < 0.5 * free else torch.device("cpu")
-
-
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[BlockContext], None], *,
                    device: torch.device, batch_size: int, offload_activations: str = "auto",
                    propagate_last: bool = False, desc: str = "prune", writeback: bool = True,
                    release_inputs: bool = False, prefetch: bool = True,
-                   transfers: dict[str, float] | None = None) -> list[dict[str, float]]:
+                   transfers: dict[str, float] | None = None, activation_copies: int = 2) -> list[dict[str, float]]:
     """Run `process` on every block in order; block i+1's inputs are block i's outputs after `process`.
 
     `writeback`: `process` changes the blocks, copy them back to host memory. `release_inputs`: `process` keeps
     no reference to `ctx.inputs`, so block i's outputs may replace its inputs batch by batch (less memory).
-    `prefetch`: on a GPU, move block i+1 in and block i-1 out while block i runs. Returns the per-block
+    `prefetch`: on a GPU, move block i+1 in and block i-1 out while block i runs. `activation_copies`: how many
+    copies of all windows' activations `process` keeps alive at once (inputs and outputs: 2), for the `auto`
+    placement of `offload_activations` (see `choose_activation_device`). Returns the per-block
     timings (seconds); `transfers`, if given, receives the seconds spent moving blocks (overlapped with the
     computation on a GPU)."""
     blocks: Blocks = find_blocks(model)
     n = len(blocks)
     dtype = next(model.parameters()).dtype
     hidden_size = model.config.get_text_config().hidden_size
-    act_device = choose_activation_device(tokens, hidden_size, dtype, device, offload_activations)
+    act_device = choose_activation_device(tokens, hidden_size, dtype, device, offload_activations, activation_copies)
     t0 = time.perf_counter()
     hidden, calls = capture_block_inputs(model, blocks, tokens, batch_size, device, act_device)
     sync_compute(device)

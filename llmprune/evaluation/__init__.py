@@ -1,6 +1,6 @@
-"""Evaluation: perplexity in the papers' protocol, sparsity accounting, zero-shot accuracy (lm-eval)."""
+"""Evaluation: perplexity in the papers' protocol, zero-shot accuracy (lm-eval), sparsity and compression
+accounting (`compression`)."""
 
 from .perplexity import PPL_DATASETS, load_eval_tokens, perplexity
-from .sparsity import sparsity_summary
 
-__all__ = ["PPL_DATASETS", "load_eval_tokens", "perplexity", "sparsity_summary"]
+__all__ = ["PPL_DATASETS", "load_eval_tokens", "perplexity"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..masks import check_nm
-from ..models import find_blocks, linear_layers, weight_oi
+from ..models.arch import find_blocks, linear_layers, weight_oi
 
 log = logging.getLogger(__name__)
 

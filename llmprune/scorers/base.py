@@ -50,6 +50,11 @@ class Scorer:
     def check_options(cls, options, pattern: Pattern) -> None:
         """Checks of the options against the pattern (the options' own checks are in their __post_init__)."""
 
+    @property
+    def selection(self) -> str:
+        """The mask selection rule of the config: "exact" (also without a config) or "reference"."""
+        return getattr(self.config, "selection", "exact")
+
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:  # (out, in)
         raise NotImplementedError
 
@@ -58,7 +63,7 @@ class Scorer:
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern, group: str) -> PruneResult:
         """Decide the mask from the scores (override to also update the weights)."""
-        return PruneResult(select_mask(self.score(weight, stats), pattern, group))
+        return PruneResult(select_mask(self.score(weight, stats), pattern, group, self.selection))
 
 
 SCORERS: Registry[type[Scorer]] = Registry("method")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LLMPruneError
-from ..masks import Pattern, apply_mask_, unstructured_mask
+from ..masks import Pattern, apply_mask_, reference_unstructured_mask, unstructured_mask
 from . import sparsegpt_triton
 from .base import LayerStats, PruneResult, Scorer, register_scorer
 
@@ -50,7 +50,7 @@ def sparsegpt_inverse_hessian(hessian: torch.Tensor, percdamp: float = 0.01):
 
 
 def _obs_columns(W1t: torch.Tensor, Hs: torch.Tensor, inv_d: torch.Tensor, scale_t: torch.Tensor,
-                 mask_t: torch.Tensor, Err1t: torch.Tensor, n: int, m: int) -> None:
+                 mask_t: torch.Tensor, Err1t: torch.Tensor, n: int, m: int, d: torch.Tensor | None = None) -> None:
     """The sequential part of one lazy block, in place, in transposed layout (columns are rows here).
 
     W1t (count, out): the block's weights; Hs (count, count): the strictly upper part of the block of the
@@ -58,13 +58,19 @@ def _obs_columns(W1t: torch.Tensor, Hs: torch.Tensor, inv_d: torch.Tensor, scale
     columns for N:M when m > 0); scale_t (count, out): mask / d (filled here for N:M). For each column i, the
     error e = w_i * [pruned] / d_i (OBS: (w - q) / [H^-1]_ii) goes to Err1t[i] and is spread over the later
     columns, W1t[j] -= Hs[i, j] * e for j > i. Column i itself is not updated, so it keeps the value it was pruned from.
-    Every shape is fixed, so the loop can be captured in a CUDA graph."""
+    Every shape is fixed, so the loop can be captured in a CUDA graph. `d` (count,), the factor's diagonal, is the
+    reference selection: the N:M saliency is then computed as the reference code does, w^2 / d^2, and `torch.topk`
+    picks the M-N lowest of each group."""
     count = W1t.shape[0]
     for i in range(count):
         if m and i % m == 0:
             blk = W1t[i : i + m]  # (M, out)
-            sal = blk.square() * inv_d[i : i + m].square().unsqueeze(1)  # w^2 / d^2
-            idx = torch.topk(sal, m - n, dim=0, largest=False, sorted=False).indices  # (M-N, out)
+            if d is None:
+                sal = blk.square() * inv_d[i : i + m].square().unsqueeze(1)  # w^2 / d^2
+                idx = torch.topk(sal, m - n, dim=0, largest=False, sorted=False).indices  # (M-N, out)
+            else:  # the references' arithmetic and call
+                sal = blk.square() / d[i : i + m].square().unsqueeze(1)
+                idx = torch.topk(sal, m - n, dim=0, largest=False).indices
             mask_t[i : i + m].zero_().scatter_(0, idx, True)
             torch.mul(mask_t[i : i + m], inv_d[i : i + m].unsqueeze(1), out=scale_t[i : i + m])
         torch.mul(W1t[i], scale_t[i], out=Err1t[i])
@@ -105,8 +111,17 @@ class _GraphedColumns:
         return self.W1t, self.mask_t, self.Err1t  # valid until the next call
 
 
-def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Tensor:
-    """One lazy block through the Triton kernel (W updated in place, mask filled); returns its errors."""
+def _reference_lazy_block_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    """The reference code's mask of one lazy block, W1 (out, count) as the block starts, d (count,) the diagonal
+    of its block of the Cholesky factor: saliency w^2 / d^2 computed as the reference does, then its rule
+    (`per-layer`: every saliency <= the one at sorted index k, ties included; `per-row`: a stable sort per row)."""
+    sal = W1.square() / d.square().unsqueeze(0)  # (out, count)
+    return reference_unstructured_mask(sal, sparsity, group)
+
+
+def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask, selection="exact") -> torch.Tensor:
+    """One lazy block through the Triton kernel (W updated in place, mask filled); returns its errors. Reference
+    selection: unstructured only (its mask is chosen here, before the kernel; N:M is chosen inside it)."""
     count = i2 - i1
     Hinv1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
     inv_d = Hinv1.diagonal().reciprocal()  # (count,)
@@ -115,8 +130,11 @@ def _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask) -> torch.Ten
         err, mk = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, None, (pattern.n, pattern.m))
         mask[:, i1:i2] = mk
         return err
-    sal = W[:, i1:i2].square() * inv_d.square()  # (out, count): w^2 / [H^-1]_jj^2
-    mask1 = unstructured_mask(sal, pattern.sparsity, group)
+    if selection == "reference":
+        mask1 = _reference_lazy_block_mask(W[:, i1:i2], Hinv1.diagonal(), pattern.sparsity, group)
+    else:
+        sal = W[:, i1:i2].square() * inv_d.square()  # (out, count): w^2 / [H^-1]_jj^2
+        mask1 = unstructured_mask(sal, pattern.sparsity, group)
     scale = torch.where(mask1, inv_d, 0.0)  # (out, count): [pruned] / d
     err, _ = sparsegpt_triton.obs_block_(W, i1, count, Hs, inv_d, scale, None)
     mask[:, i1:i2] = mask1
@@ -133,6 +151,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     graphs: dict | None = None,
     use_triton: bool | None = None,
+    selection: str = "exact",
 ) -> PruneResult:
     """Prune `weight` (out, in) with OBS updates. Returns the updated float32 weight and its mask.
 
@@ -142,6 +161,9 @@ def sparsegpt_prune(
     The column loop runs as one Triton kernel per lazy block where it covers the case (`use_triton`: None =
     where available; see sparsegpt_triton), else captured in CUDA graphs cached in `graphs` (a dict; on CUDA),
     else eagerly.
+    `selection="reference"`: each mask is chosen by the reference code's rule and arithmetic from the same
+    block weights (unstructured `per-layer`: every saliency <= the one at sorted index k, ties included); N:M
+    then runs the eager loop (neither the Triton kernel nor a CUDA graph), unstructured keeps the kernel.
     """
     W = weight.float().clone(memory_format=torch.contiguous_format)  # (out, in)
     rows, cols = W.shape
@@ -149,11 +171,14 @@ def sparsegpt_prune(
     mask = torch.zeros_like(W, dtype=torch.bool)
     nm = pattern.kind == "nm"
     n, m = (pattern.n, pattern.m) if nm else (0, 0)
+    reference = selection == "reference"
+    if reference and nm:
+        use_triton, graphs = False, None  # the kernel chooses N:M masks itself, by its own tie rule
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         if use_triton is not False and sparsegpt_triton.available(W, count, (n, m) if nm else None):
-            err = _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask)
+            err = _lazy_block_triton(W, i1, i2, hinv_upper, pattern, group, mask, selection)
             if i2 < cols:
                 W[:, i2:].sub_(err.matmul(hinv_upper[i1:i2, i2:]))
             continue
@@ -162,7 +187,10 @@ def sparsegpt_prune(
         inv_d = Hinv1.diagonal().reciprocal()  # (count,)
         mask_t = torch.zeros_like(W1t, dtype=torch.bool)
         scale_t = torch.zeros_like(W1t)
-        if not nm:
+        if not nm and reference:
+            mask_t = _reference_lazy_block_mask(W1t.t(), Hinv1.diagonal(), pattern.sparsity, group).t().contiguous()
+            torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
+        elif not nm:
             sal = W1t.square() * inv_d.square().unsqueeze(1)  # (count, out): w^2 / [H^-1]_jj^2
             mask_t = unstructured_mask(sal, pattern.sparsity, group, dim=0)  # inputs along dim 0 here
             torch.mul(mask_t, inv_d.unsqueeze(1), out=scale_t)
@@ -181,7 +209,7 @@ def sparsegpt_prune(
             W1t, mask_t, Err1t = graph(W1t, Hs, inv_d, scale_t, mask_t)
         else:
             Err1t = torch.empty_like(W1t)
-            _obs_columns(W1t, Hs, inv_d, scale_t, mask_t, Err1t, n, m)
+            _obs_columns(W1t, Hs, inv_d, scale_t, mask_t, Err1t, n, m, Hinv1.diagonal() if reference else None)
         W[:, i1:i2] = W1t.t().masked_fill(mask_t.t(), 0.0)
         mask[:, i1:i2] = mask_t.t()
         if i2 < cols:
@@ -232,4 +260,5 @@ class SparseGPT(Scorer):
         if pattern.kind == "unstructured" and pattern.sparsity == 0:
             return PruneResult(torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))  # a no-op
         hinv, dead = self.inverse_hessian(stats)
-        return sparsegpt_prune(weight, hinv, dead, pattern, group, self.options.blocksize, self._graphs)
+        return sparsegpt_prune(weight, hinv, dead, pattern, group, self.options.blocksize, self._graphs,
+                               selection=self.selection)
