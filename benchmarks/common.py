@@ -33,6 +33,21 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def time_runs(fn, dev, warmup: int, runs: int) -> list[float]:
+    """Wall seconds of `runs` calls after `warmup` calls, the device synchronized around each."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    out = []
+    for _ in range(runs):
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def matmul_rate(dev: torch.device, dtype=torch.bfloat16, n: int = 8192, iters: int = 30) -> float:
     """Dense matmul FLOP/s on random data (median of timed runs)."""
     if dev.type != "cuda":

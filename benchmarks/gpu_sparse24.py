@@ -42,7 +42,7 @@ from llmprune.models import find_blocks, linear_layers  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, matmul_rate, sync, write_json  # noqa: E402
+from common import SHAPES, matmul_rate, sync, time_runs, write_json  # noqa: E402
 from common import build as build_llama  # noqa: E402
 
 TARGETS = {"prefill": 1.2, "decode": 1.0}
@@ -108,21 +108,6 @@ class Recorder:
                 except Exception:  # noqa: BLE001
                     pass
             return None
-
-
-def time_runs(fn, dev, warmup: int, runs: int) -> list[float]:
-    """Wall seconds of `runs` calls after `warmup` calls, the device synchronized around each."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    out = []
-    for _ in range(runs):
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def stats_ms(seconds: list[float], per: int = 1) -> dict:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHAPES, build, matmul_rate, sync, write_json  # noqa: E402
+from common import build, matmul_rate, sync, time_runs, write_json  # noqa: E402
 from llmprune.calibration.observe import _hessian_update, observe  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
 
@@ -56,17 +56,6 @@ def _h_hook(module, args):
 
 def _keep_hook(module, args):
     _KEPT.append((module, args[0]))
-
-
-def timed(fn, dev, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main(argv=None) -> int:
@@ -117,7 +106,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         run(b0, 2)
-        record("eager", timed(lambda: run(b0), dev, a.reps))
+        record("eager", time_runs(lambda: run(b0), dev, 0, a.reps))
 
         def eager_hooks(need):
             with observe(b0, linears, need) as st:
@@ -125,9 +114,9 @@ def main(argv=None) -> int:
             return st
 
         eager_hooks("sqnorm")
-        record("eager+hooks sqnorm", timed(lambda: eager_hooks("sqnorm"), dev, a.reps))
+        record("eager+hooks sqnorm", time_runs(lambda: eager_hooks("sqnorm"), dev, 0, a.reps))
         ref = eager_hooks("sqnorm")
-        record("eager+hooks hessian", timed(lambda: eager_hooks("hessian"), dev, a.reps))
+        record("eager+hooks hessian", time_runs(lambda: eager_hooks("hessian"), dev, 0, a.reps))
 
         # compiled, no statistics
         for blk in blocks:
@@ -136,7 +125,7 @@ def main(argv=None) -> int:
         run(b0, 1)
         sync(dev)
         compile_s = time.perf_counter() - t
-        record("compiled", timed(lambda: run(b0), dev, a.reps), {"first_call_s": compile_s})
+        record("compiled", time_runs(lambda: run(b0), dev, 0, a.reps), {"first_call_s": compile_s})
         for blk in blocks:
             blk._compiled_call_impl = None
 
@@ -169,7 +158,7 @@ def main(argv=None) -> int:
             sync(dev)
             err = max(float((linears[n]._sq - ref[n].sqnorm).abs().max() / ref[n].sqnorm.abs().max())
                       for n in ref)
-            record("compiled+hooks sqnorm", timed(lambda: run(b0), dev, a.reps),
+            record("compiled+hooks sqnorm", time_runs(lambda: run(b0), dev, 0, a.reps),
                    {"first_call_s": first, "blocks_2_and_3_first_call_s": others, "dynamo_stats": frames,
                     "max_rel_err_vs_eager": err})
         except Exception as e:  # noqa: BLE001 - a probe: record why a variant fails
@@ -204,7 +193,7 @@ def main(argv=None) -> int:
 
         try:
             compiled_hessian()
-            record("compiled+keep hessian", timed(compiled_hessian, dev, a.reps))
+            record("compiled+keep hessian", time_runs(compiled_hessian, dev, 0, a.reps))
         except Exception as e:  # noqa: BLE001
             res["variants"]["compiled+keep hessian"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print("compiled+keep hessian failed:", e, flush=True)
@@ -221,7 +210,7 @@ def main(argv=None) -> int:
         b0.compile(dynamic=False)
         try:
             run(b0, 1)
-            record("compiled+hooks hessian", timed(lambda: run(b0), dev, a.reps))
+            record("compiled+hooks hessian", time_runs(lambda: run(b0), dev, 0, a.reps))
         except Exception as e:  # noqa: BLE001
             res["variants"]["compiled+hooks hessian"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print("compiled+hooks hessian failed:", e, flush=True)

@@ -51,3 +51,16 @@ def test_host_built_model_matches_a_normally_built_one_in_structure_and_runs():
     torch.testing.assert_close(a.model.rotary_emb.inv_freq, b.model.rotary_emb.inv_freq)  # not left uninitialized
     out = a(torch.randint(0, 128, (2, 16))).logits
     assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_stats_compile_probe_smoke(tmp_path):
+    """The compiled-statistics probe: its sums of squares equal the eager hooks' and one graph serves 3 blocks."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_stats_compile.py"), "--smoke", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "smoke_gpu_stats_compile_tiny.json").read_text())
+    sq = data["variants"]["compiled+hooks sqnorm"]
+    assert sq["max_rel_err_vs_eager"] < 1e-5 and sq["dynamo_stats"]["unique_graphs"] == 1
+    assert data["wanda_mask_agreement_compiled_vs_eager"] == 1.0
+    assert all(v["median_s"] > 0 for k, v in data["variants"].items() if "error" not in v)
