@@ -101,7 +101,7 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         check_context(model, tokenizer, eval_cfg.seqlen if eval_cfg else calib_cfg.seqlen,
                       "--eval-seqlen" if eval_cfg else "--seqlen")
     needs_calibration = block_cfg is not None or prune_cfg.needs_calibration
-    if needs_calibration and not is_token_file(calib_cfg.source):  # a token file's windows are checked by prune()
+    if needs_calibration and not is_token_file(calib_cfg.source):  # a token file's windows: once it is read
         check_context(model, tokenizer, calib_cfg.seqlen, "--seqlen")
     if output_dir:
         check_free_space(output_dir, model_bytes(model, resolve_save_dtype(save_dtype, loaded, next(model.parameters()).dtype)),
@@ -124,6 +124,9 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
         vocab = model.get_input_embeddings().weight.shape[0]
         calibration = load_calibration(calib_cfg, tokenizer, vocab_size=vocab, model_config=model.config)
         calib_cfg = as_used(calib_cfg, calibration)  # a token file's own shape: the record agrees with itself
+        if is_token_file(calib_cfg.source):  # its windows are used as given: for block removal and weights alike
+            check_context(model, tokenizer, calibration.seqlen,
+                          f"the token file {Path(calib_cfg.source).name} (used as given) has windows of")
         timings["calibration_data"] = time.perf_counter() - t
 
     ppl_cache: dict = {}

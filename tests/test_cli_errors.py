@@ -454,3 +454,27 @@ def test_lm_eval_task_names_are_aliases():
     assert split_tasks(["wikitext", "LAMBADA_OPENAI", "arc_easy", "wikitext2"]) == (["wikitext2"], ["lambada", "arc_easy"])
     with pytest.raises(LLMPruneError, match="did you mean 'wikitext2'"):
         split_tasks(["wikitxt2"])
+
+
+@pytest.mark.parametrize("method", [["--method", "block-influence", "--drop-blocks", "1"], ["--method", "wanda"]])
+def test_a_token_file_longer_than_the_context_is_refused_before_any_work(method, tmp_path, monkeypatch, capsys):
+    """Block removal and weight methods alike: the file's own windows are checked right after loading."""
+    tok = tiny_tokenizer()
+    d = tmp_path / "gpt2"
+    tiny_model("gpt2", vocab_size=len(tok)).save_pretrained(d)  # a context of 64 positions
+    tok.save_pretrained(d)
+    f = tmp_path / "long.pt"
+    torch.save(torch.randint(0, len(tok), (2, 128)), f)
+
+    def no_work(*a, **k):
+        raise AssertionError("pruned or evaluated before the windows were checked")
+
+    monkeypatch.setattr(pipeline, "evaluate_ppl", no_work)
+    monkeypatch.setattr(pipeline, "prune", no_work)
+    monkeypatch.setattr("llmprune.blocks.prune_blocks", no_work)
+    rc = main(["--model", str(d), *method, "--calib-data", str(f), "--eval-ppl", "none", "--output-dir",
+               str(tmp_path / "out"), *QUIET])
+    err = _one_line(capsys.readouterr().err, rc)
+    assert ("the token file long.pt (used as given) has windows of 128 tokens, longer than the model's context of "
+            "64 tokens") in err and "cut its windows to 64 tokens or less" in err
+    assert not (tmp_path / "out").exists()

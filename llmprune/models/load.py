@@ -352,6 +352,9 @@ def check_context(model: nn.Module, tokenizer, seqlen: int, option: str) -> None
     positions past it were never trained (or don't exist), so the numbers would mean nothing."""
     limit = context_length(model, tokenizer)
     if limit is not None and seqlen > limit[0]:
+        if not option.startswith("--"):  # a token file used as given
+            raise LLMPruneError(f"{option} {seqlen} tokens, longer than the model's context of {limit[0]} tokens "
+                                f"({limit[1]}); cut its windows to {limit[0]} tokens or less")
         raise LLMPruneError(f"{option} {seqlen} is longer than the model's context of {limit[0]} tokens "
                             f"({limit[1]}); give {option} {limit[0]} or less")
 
