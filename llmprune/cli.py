@@ -474,6 +474,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="perplexity: MiB of float32 logits computed at once (default: 256 on CPU, a quarter of free GPU memory up to 2048)")
     p.add_argument("--output-dir", "--output", dest="output_dir", type=_folder, default=None, action=_Store,
                    deprecated=("--output",), help="folder for results.json and results.md (default: not saved)")
+    p.add_argument("--overwrite", action="store_true", help="replace results.json/results.md already in --output-dir")
     p.add_argument("--compile", action="store_true", help="compile each Transformer block for perplexity (GPU; ~5 s once at 7B, pays off on long runs)")
     p.add_argument("--sparse-kernels", action="store_true",
                    help="run 2:4 layers on sparse tensor cores where measured faster (GPU, bf16/fp16; cuSPARSELt)")
@@ -488,7 +489,8 @@ def cmd_eval(argv: list[str]) -> int:
     rec = run_eval_job(a.model, a.tasks, seqlen=a.eval_seqlen, batch_size=a.batch_size, limit=a.limit,
                        device=a.device, dtype=a.dtype, data_dir=a.data_dir, max_windows=a.eval_max_windows,
                        output_dir=a.output_dir, compile=a.compile, sparse_kernels=a.sparse_kernels, bos=a.bos,
-                       cache_dir=a.cache_dir, use_cache=not a.no_cache, logits_budget_mb=a.logits_budget_mb)
+                       cache_dir=a.cache_dir, use_cache=not a.no_cache, logits_budget_mb=a.logits_budget_mb,
+                       overwrite=a.overwrite)
     c = rec["compression"]
     print(f"model: {rec['model']} ({rec['architecture']}, {c['total_params']:,} parameters, "
           f"{c['nonzero_params']:,} non-zero)")
@@ -616,6 +618,7 @@ def build_reproduce_parser() -> argparse.ArgumentParser:
                    deprecated=("--out-dir",), help="folder for results.json and comparison.md")
     p.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the Hub)")
     p.add_argument("--strict", action="store_true", help="fail when a cell's model can't be loaded (default: skip it)")
+    p.add_argument("--overwrite", action="store_true", help="replace results.json/comparison.md already in --output-dir")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     return p
 
@@ -624,7 +627,8 @@ def cmd_reproduce(argv: list[str]) -> int:
     from .reproduce import reproduce
 
     a = _parse(build_reproduce_parser(), argv)
-    res = reproduce(a.table, out_dir=a.output_dir, data_dir=a.data_dir, only_available=not a.strict)
+    res = reproduce(a.table, out_dir=a.output_dir, data_dir=a.data_dir, only_available=not a.strict,
+                    overwrite=a.overwrite)
     print(res["markdown"])
     print(f"results: {res['results']}\ncomparison: {res['comparison']}")
     return 0

@@ -398,6 +398,22 @@ def _install(tmp: Path, r: OutputReservation) -> Path:
     return out
 
 
+def check_results_free(folder: str | os.PathLike, names, overwrite: bool = False) -> None:
+    """Refuse, before any work, to write result files `names` into `folder` where a run holds its lock, or, unless
+    `overwrite`, where such a file already stands (an earlier evaluation, or the model's own results.json that
+    `push` would upload). One line each."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return
+    if (folder / LOCK_NAME).exists():
+        raise LLMPruneError(f"output folder {folder} is being written by another llmprune run "
+                            f"({LOCK_NAME} is there); wait for it or choose another --output-dir")
+    there = [n for n in names if (folder / n).exists()]
+    if there and not overwrite:
+        raise LLMPruneError(f"{folder} already holds {', '.join(there)} from an earlier run; pass --overwrite to "
+                            "replace it or choose another --output-dir")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write one text file atomically: into a temporary file beside `path`, flushed to disk, then renamed over it
     (os.replace), so readers see the old file or the new one, never half of one, and a hard-linked original is
@@ -455,5 +471,5 @@ def write_output_dir(out_dir: str | os.PathLike, write: Callable[[Path], None], 
 
 
 __all__ = ["check_output_dir", "check_writable", "check_free_space", "reserve_output_dir", "OutputReservation",
-           "write_output_dir", "write_text_atomic", "rename_noreplace", "swap_in", "output_errors", "free_bytes", "is_disk_full",
-           "LOCK_NAME"]
+           "write_output_dir", "check_results_free", "write_text_atomic", "rename_noreplace", "swap_in",
+           "output_errors", "free_bytes", "is_disk_full", "LOCK_NAME"]

@@ -17,8 +17,8 @@ from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
 from .models import check_context
-from .outputs import (check_free_space, check_output_dir, check_writable, output_errors, reserve_output_dir,
-                      write_output_dir)
+from .outputs import (check_free_space, check_output_dir, check_results_free, check_writable, output_errors,
+                      reserve_output_dir, write_output_dir, write_text_atomic)
 from .pruner import prune
 from .record import JobConfig, JobRecord, Perplexity
 from .scorers import SCORERS
@@ -298,8 +298,9 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
                  device: str = "auto", dtype: str = "auto", data_dir=None, max_windows: int | None = None,
                  output_dir: str | None = None, compile: bool = False, sparse_kernels: bool = False,
                  bos: str = "auto", cache_dir: str | None = None, use_cache: bool = True,
-                 logits_budget_mb: float | None = None) -> dict:
-    """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md.
+                 logits_budget_mb: float | None = None, overwrite: bool = False) -> dict:
+    """Load a model (pruned folder, Hub id, GGUF), evaluate it, and write results.json + results.md (an existing
+    one is replaced only with `overwrite`).
 
     `sparse_kernels`: run the 2:4 layers on sparse tensor cores where that is faster (`accelerate_2of4_`, GPU,
     bf16/fp16); its report is recorded, and without a usable GPU backend nothing changes and the reason is.
@@ -324,6 +325,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
             raise LLMPruneError(f"--output-dir is a folder (results.json and results.md are written into it), "
                                 f"not a file name: {output_dir}")
         check_writable(output_dir, "results folder")
+        check_results_free(output_dir, ("results.json", "results.md"), overwrite)
     dev = resolve_device(device)
     set_step("loading the model")
     loaded = load_model(model_spec, resolve_dtype(dtype, dev), cache_dir=cache_dir, use_cache=use_cache)
@@ -367,7 +369,7 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
         set_step("saving")
         with output_errors(out):
             write_json(out / "results.json", record)
-            (out / "results.md").write_text(head + record["table"] + "\n")
+            write_text_atomic(out / "results.md", head + record["table"] + "\n")
         record["output_dir"] = str(out)
     return record
 

@@ -93,26 +93,29 @@ def run_recipe(recipe: Recipe) -> JobRecord | dict:
         if ev is None or not ev.datasets:
             raise LLMPruneError(f"cell {recipe.name}: nothing to prune and nothing to evaluate")
         return run_eval_job(recipe.model, ev.datasets, seqlen=ev.seqlen, batch_size=ev.batch_size, dtype=recipe.dtype,
-                            data_dir=ev.data_dir, max_windows=ev.max_windows, bos=ev.bos)
+                            data_dir=ev.data_dir, max_windows=ev.max_windows, bos=ev.bos,
+                            logits_budget_mb=ev.logits_budget_mb)
     return run_prune_job(recipe.model, recipe.prune, recipe.calibration, recipe.eval, dtype=recipe.dtype,
                          eval_dense=False, block_cfg=recipe.blocks)
 
 
 def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runner: Runner | None = None,
-              data_dir: str | os.PathLike | None = None, only_available: bool = True) -> dict:
+              data_dir: str | os.PathLike | None = None, only_available: bool = True, overwrite: bool = False) -> dict:
     """Run every cell of a recipe table (a folder of recipes or a `cells:` file) and compare with the paper.
 
     Cells marked `skip:` are reported as skipped. A cell whose model cannot be loaded here (e.g. a Hub id while
     offline) is skipped with the reason when `only_available`, else an LLMPruneError is raised before anything
     runs. `runner(recipe) -> record` runs one cell (default: `run_recipe`); a cell whose runner raises an
     LLMPruneError is reported as failed and the others go on. `data_dir` fills the recipes' data_dir where they
-    give none. Writes `results.json` and `comparison.md` into `out_dir`; returns the results with their paths."""
+    give none. Writes `results.json` and `comparison.md` into `out_dir` (existing ones are replaced only with
+    `overwrite`); returns the results with their paths."""
     from .reporting import write_json
     from .versions import package_versions
 
-    from .outputs import check_writable, output_errors
+    from .outputs import check_results_free, check_writable, output_errors, write_text_atomic
 
     check_writable(out_dir, "output folder")  # before any cell runs
+    check_results_free(out_dir, ("results.json", "comparison.md"), overwrite)
     recipes = load_table(table_path)
     title = table_title(table_path)
     runner = runner or run_recipe
@@ -182,7 +185,7 @@ def reproduce(table_path: str | os.PathLike, *, out_dir: str | os.PathLike, runn
     with output_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         results_path = write_json(out / "results.json", data)
-        comparison_path.write_text(table, encoding="utf-8")
+        write_text_atomic(comparison_path, table)
     log.info("%s: %d run, %d skipped, %d failed; %s", title, counts["ok"], counts["skipped"], counts["failed"],
              comparison_path)
     data.update(results=str(results_path), comparison=str(comparison_path), markdown=table)

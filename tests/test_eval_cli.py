@@ -113,3 +113,21 @@ def test_sparse_kernels_with_compile_is_refused_in_one_line(tiny_model_dir, caps
     assert main(["eval", "--model", str(tiny_model_dir), "--sparse-kernels", "--compile"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--compile with --sparse-kernels" in err[0]
+
+
+def test_eval_never_replaces_earlier_results_without_overwrite(tiny_model_dir, tmp_path, capsys):
+    """A folder that already holds results.json (e.g. a pruned model's own, which push uploads) is refused before
+    the model loads; --overwrite replaces it; a folder another run has locked is refused even then."""
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "results.json").write_text('{"mine": true}\n')
+    argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--eval-seqlen", "32",
+            "--eval-max-windows", "1", "--data-dir", str(data_dir()), "--output-dir", str(out), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds results.json from an earlier run; pass --overwrite" in err
+    assert json.loads((out / "results.json").read_text()) == {"mine": True} and not (out / "results.md").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["results"]["perplexity"]["wikitext2"]["windows"] == 1
+    (out / ".llmprune-lock").write_text("123\n")
+    assert main([*argv, "--overwrite"]) == 2 and "being written by another llmprune run" in capsys.readouterr().err

@@ -362,6 +362,13 @@ def test_reproduce_with_a_fake_runner(tmp_path, tiny_model_dir, monkeypatch):
     out = reproduce(table, out_dir=tmp_path / "out3", runner=failing)
     assert {c["name"]: c["status"] for c in out["cells"]}["local_tiny"] == "failed"
 
+    seen.clear()  # a second run into the same folder: refused before any cell runs, unless overwrite
+    with pytest.raises(LLMPruneError, match="already holds results.json, comparison.md from an earlier run"):
+        reproduce(table, out_dir=tmp_path / "out", runner=runner)
+    assert seen == [] and json.loads((tmp_path / "out" / "results.json").read_text())["counts"]["ok"] == 2
+    out = reproduce(table, out_dir=tmp_path / "out3", runner=runner, overwrite=True)
+    assert {c["name"]: c["status"] for c in out["cells"]}["local_tiny"] == "ok"
+
 
 def test_ordering_checks_find_holding_and_broken_claims_per_model():
     from llmprune.recipe import ordering_checks, render_orderings
