@@ -315,7 +315,7 @@ def cmd_prune(argv: list[str]) -> int:
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=nsamples, seqlen=seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None
-    if a.eval_ppl:
+    if a.eval_ppl or a.tasks:  # the evaluation options hold for --tasks too, with --eval-ppl none
         from .evaluation.perplexity import PPL_DATASETS
         from .registry import unknown_name_message
 

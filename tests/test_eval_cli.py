@@ -131,3 +131,16 @@ def test_eval_never_replaces_earlier_results_without_overwrite(tiny_model_dir, t
     assert json.loads((out / "results.json").read_text())["results"]["perplexity"]["wikitext2"]["windows"] == 1
     (out / ".llmprune-lock").write_text("123\n")
     assert main([*argv, "--overwrite"]) == 2 and "being written by another llmprune run" in capsys.readouterr().err
+
+
+def test_prune_tasks_keep_the_eval_options_without_eval_ppl(tiny_model_dir, tmp_path):
+    """--eval-ppl none --tasks wikitext2: the task still honours --eval-seqlen/--eval-max-windows (it ran every
+    window at the calibration length before), and the card's command says so."""
+    out = tmp_path / "m"
+    assert main(["--model", str(tiny_model_dir), "--method", "magnitude", "--eval-ppl", "none", "--tasks", "wikitext2",
+                 "--seqlen", "16", "--eval-seqlen", "24", "--eval-max-windows", "2", "--data-dir", str(data_dir()),
+                 "--output-dir", str(out), "-q"]) == 0
+    ppl = json.loads((out / "results.json").read_text())["results"]["perplexity"]["wikitext2"]
+    assert (ppl["windows"], ppl["seqlen"]) == (2, 24)
+    card = (out / "README.md").read_text()
+    assert "--eval-seqlen 24" in card and "--eval-max-windows 2" in card
