@@ -12,7 +12,7 @@ import torch
 from .calibration import load_calibration
 from .calibration.data import data_dir_label as _data_dir_label
 from .config import CalibrationConfig, EvalConfig, PruneConfig
-from .errors import memory_step, named_steps, set_step
+from .errors import LLMPruneError, memory_step, named_steps, set_step
 from .evaluation.perplexity import load_eval_tokens, perplexity
 from .models import (SAVE_DTYPES, DTYPES, cast_for_save_, checkpoint_bytes, dtype_label, load_model,
                      model_bytes, resolve_device, resolve_dtype, resolve_save_dtype, save_pretrained_atomic)
@@ -52,7 +52,13 @@ def evaluate_ppl(model, tokenizer, eval_cfg: EvalConfig, device, cache: dict | N
 def run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_cfg: CalibrationConfig,
                   eval_cfg: EvalConfig | None, output_dir: str | None = None, overwrite: bool = False, **job) -> JobRecord:
     """`_run_prune_job` with `output_dir` checked and locked before any work, for the whole run (so a second run
-    on the same folder refuses at once), and the lock removed at the end whatever happens (llmprune.outputs)."""
+    on the same folder refuses at once), and the lock removed at the end whatever happens (llmprune.outputs).
+    The output folder may not be the model's own folder (or hold it): --overwrite would replace the original."""
+    if output_dir and model_spec and Path(model_spec).expanduser().exists():
+        src, dst = Path(model_spec).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+        if dst == src or dst in src.parents:
+            raise LLMPruneError(f"--output-dir {output_dir} is (or holds) the model being pruned, {model_spec}: "
+                                "choose another folder, so the original stays")
     with reserve_output_dir(output_dir, overwrite) if output_dir else contextlib.nullcontext() as reservation:
         return _run_prune_job(model_spec, prune_cfg, calib_cfg, eval_cfg, output_dir, overwrite,
                               reservation=reservation, **job)

@@ -450,3 +450,13 @@ def test_a_tiny_filesystem_is_refused_before_the_work(tiny_model_dir, tmp_path, 
 def test_write_output_dir_refuses_a_reservation_for_another_folder(tmp_path):
     with reserve_output_dir(tmp_path / "a") as r, pytest.raises(ValueError):
         write_output_dir(tmp_path / "b", lambda f: None, reservation=r)
+
+
+def test_the_output_folder_may_not_be_the_model_folder(tiny_model_dir, capsys):
+    """--overwrite would otherwise replace the user's original model with the pruned one."""
+    before = sorted((p.name, p.stat().st_size) for p in tiny_model_dir.iterdir())
+    for out in (tiny_model_dir, tiny_model_dir.parent):
+        assert main(["--model", str(tiny_model_dir), "--method", "magnitude", "--eval-ppl", "none",
+                     "--output-dir", str(out), "--overwrite", "--device", "cpu", "-q"]) == 2
+        assert "is (or holds) the model being pruned" in _one_line_error(capsys.readouterr().err)
+    assert sorted((p.name, p.stat().st_size) for p in tiny_model_dir.iterdir()) == before
