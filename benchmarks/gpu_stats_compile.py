@@ -99,6 +99,10 @@ def main(argv=None) -> int:
     b0 = blocks[0]
     linears = {n: m for n, m in b0.named_modules() if isinstance(m, nn.Linear)}
 
+    def failed(name, e):  # a probe: record why a variant fails, and go on with the others
+        res["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"{name} failed:", e, flush=True)
+
     def record(name, times, extra=None):
         med = statistics.median(times)
         res["variants"][name] = {"seconds": times, "median_s": med, "x_floor": med / floor, **(extra or {})}
@@ -161,9 +165,8 @@ def main(argv=None) -> int:
             record("compiled+hooks sqnorm", time_runs(lambda: run(b0), dev, 0, a.reps),
                    {"first_call_s": first, "blocks_2_and_3_first_call_s": others, "dynamo_stats": frames,
                     "max_rel_err_vs_eager": err})
-        except Exception as e:  # noqa: BLE001 - a probe: record why a variant fails
-            res["variants"]["compiled+hooks sqnorm"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print("compiled+hooks sqnorm failed:", e, flush=True)
+        except Exception as e:  # noqa: BLE001
+            failed("compiled+hooks sqnorm", e)
         finally:
             for h in handles:
                 h.remove()
@@ -195,8 +198,7 @@ def main(argv=None) -> int:
             compiled_hessian()
             record("compiled+keep hessian", time_runs(compiled_hessian, dev, 0, a.reps))
         except Exception as e:  # noqa: BLE001
-            res["variants"]["compiled+keep hessian"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print("compiled+keep hessian failed:", e, flush=True)
+            failed("compiled+keep hessian", e)
         finally:
             for h in handles:
                 h.remove()
@@ -212,8 +214,7 @@ def main(argv=None) -> int:
             run(b0, 1)
             record("compiled+hooks hessian", time_runs(lambda: run(b0), dev, 0, a.reps))
         except Exception as e:  # noqa: BLE001
-            res["variants"]["compiled+hooks hessian"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print("compiled+hooks hessian failed:", e, flush=True)
+            failed("compiled+hooks hessian", e)
         finally:
             for h in handles:
                 h.remove()
