@@ -90,8 +90,6 @@ def _run_prune_job(model_spec: str | None, prune_cfg: PruneConfig | None, calib_
     if save_dtype not in SAVE_DTYPES:
         resolve_save_dtype(save_dtype, None, torch.float32)  # the one-line error, before any work
     if prune_cfg is None and block_cfg is None:
-        from .errors import LLMPruneError
-
         raise LLMPruneError("nothing to do: give a weight method, a block method, or both")
     device = resolve_device((prune_cfg or block_cfg).device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -286,8 +284,6 @@ def _label(prune_cfg, block_cfg) -> str:
 
 def _place_for_eval(model, device: torch.device) -> None:
     """Move the whole model to `device` for evaluation, refusing clearly when it can't fit."""
-    from .errors import LLMPruneError
-
     if device.type == "cuda":
         need = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
         free, _ = torch.cuda.mem_get_info(device)
@@ -313,7 +309,6 @@ def run_eval_job(model_spec: str | None, tasks, *, seqlen: int = 2048, batch_siz
     `bos`: the BOS policy of the perplexity windows and zero-shot requests (auto, always, never)."""
     from .evaluation.compression import compression_report
     from .evaluation.harness import check_eval_counts, evaluate, results_header, results_markdown, split_tasks
-    from .errors import LLMPruneError
     from .reporting import write_json
 
     set_step("checking the options")
@@ -398,7 +393,6 @@ def _run_sweep(model_spec: str | None, methods, sparsities, patterns, calib_cfg:
     policy `calib_cfg.bos` applies to calibration and evaluation alike."""
     import copy
 
-    from .errors import LLMPruneError
     from .evaluation.harness import check_eval_counts, evaluate, results_header, split_tasks
     from .reporting import plot_layer_sparsity, plot_ppl_vs_sparsity, ppl_table, write_json
 
