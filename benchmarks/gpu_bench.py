@@ -16,6 +16,7 @@ import copy
 import gc
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from llmprune import PruneConfig, prune  # noqa: E402
 from llmprune.calibration.placement import auto_batch_size  # noqa: E402
 from llmprune.evaluation.harness import _auto_ppl_batch  # noqa: E402
 from llmprune.evaluation.perplexity import perplexity  # noqa: E402
+from llmprune.scorers import SCORERS  # noqa: E402
 from llmprune.versions import package_versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -199,7 +201,8 @@ def memory_terms(model, n: int, seqlen: int, batch: int, peak: int | None, dtype
 
 
 def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_place_model: bool = False,
-                gpu_cap_gib: float | None = None) -> list[dict]:
+                gpu_cap_gib: float | None = None, compile_modes=("auto",), eager_methods=None,
+                warm_repeat: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t = time.perf_counter()
     if in_place_model:
@@ -223,37 +226,60 @@ def bench_prune(shape, dev, rate, smoke, methods, patterns, layers=None, in_plac
           f"GPU {gpu_total / 2**30 if gpu_total else 0:.0f} GiB" + (f", capped at {gpu_cap_gib} GiB" if gpu_cap_gib else ""),
           flush=True)
     results = []
+    runs = []
     for method in methods:
         for pattern in patterns:
-            model = cpu_model if in_place_model else copy.deepcopy(cpu_model)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            cfg = PruneConfig(method=method, pattern=pattern, sparsity=0.5 if pattern == "unstructured" else None,
-                              device=str(dev))
-            t = time.perf_counter()
-            rep = prune(model, cfg, tokens)
-            sync(dev)
-            wall = time.perf_counter() - t
-            peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-            batch = cfg.batch_size or auto_batch_size(tokens)
-            row = {"method": method, "pattern": pattern, "layers": cpu_model.config.num_hidden_layers,
-                   "parameters": sum(p.numel() for p in cpu_model.parameters()), "weights_bytes": weights_bytes,
-                   "gpu_total_bytes": gpu_total, "gpu_cap_bytes": int(gpu_cap_gib * 2**30) if gpu_cap_gib else None,
-                   "wall_seconds": wall, "floor_seconds": floor, "ratio_to_floor": wall / floor,
-                   "timings": rep.timings, "sparsity": rep.sparsity,
-                   "peak_gpu_bytes": peak, "memory_terms": memory_terms(cpu_model, n, seqlen, batch, peak,
-                                                                            calibrated=method != "magnitude"),
-                   "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                   "calibration": f"{n} x {seqlen} random token ids", "block_timings_first": rep.block_timings[:2]}
-            results.append(row)
-            gpu = f"{row['peak_gpu_bytes'] / 2**30:.2f} GiB" if row["peak_gpu_bytes"] else "-"
-            print(f"prune {method:9s} {pattern:12s} {wall:7.1f} s = {wall / floor:5.2f} x floor ({floor:.1f} s), "
-                  f"peak GPU {gpu}, host RSS {row['peak_host_rss_bytes'] / 2**30:.1f} GiB "
-                  f"[{', '.join(f'{k} {v:.1f}' for k, v in rep.timings.items())}]", flush=True)
-            if not in_place_model:
-                del model
-            gc.collect()
+            for mode in compile_modes:
+                if mode == "off" and eager_methods is not None and method not in eager_methods and "on" in compile_modes:
+                    continue
+                if mode == "on" and method == "magnitude":
+                    continue  # no calibration pass to compile
+                runs.append((method, pattern, mode))
+    if warm_repeat:  # the first compiled run again: its graphs are cached in this process by now
+        first = next((r for r in runs if r[2] == "on"), None)
+        if first:
+            runs.insert(runs.index(first) + 1, first)
+    seen_graphs: set = set()
+    for method, pattern, mode in runs:
+        model = cpu_model if in_place_model else copy.deepcopy(cpu_model)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        cfg = PruneConfig(method=method, pattern=pattern, sparsity=0.5 if pattern == "unstructured" else None,
+                          device=str(dev), compile=mode)
+        stats_kind = tuple(SCORERS.get(method).needs)
+        t = time.perf_counter()
+        rep = prune(model, cfg, tokens)
+        sync(dev)
+        wall = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        batch = cfg.batch_size or auto_batch_size(tokens)
+        row = {"method": method, "pattern": pattern, "layers": cpu_model.config.num_hidden_layers,
+               "parameters": sum(p.numel() for p in cpu_model.parameters()), "weights_bytes": weights_bytes,
+               "gpu_total_bytes": gpu_total, "gpu_cap_bytes": int(gpu_cap_gib * 2**30) if gpu_cap_gib else None,
+               "wall_seconds": wall, "floor_seconds": floor, "ratio_to_floor": wall / floor,
+               "timings": rep.timings, "sparsity": rep.sparsity,
+               "peak_gpu_bytes": peak, "memory_terms": memory_terms(cpu_model, n, seqlen, batch, peak,
+                                                                        calibrated=method != "magnitude"),
+               "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "calibration": f"{n} x {seqlen} random token ids", "block_timings_first": rep.block_timings[:2],
+               "compile": mode, "compiled": rep.compiled}
+        if rep.compiled:
+            # the graphs of a statistics kind compile once per process; the first block pays for it
+            row["compile_cold"] = stats_kind not in seen_graphs
+            seen_graphs.add(stats_kind)
+            b0, b1 = rep.block_timings[0], rep.block_timings[1]
+            first_s = b0.get("calibrate", 0) + b0.get("propagate", 0) - b1.get("calibrate", 0) - b1.get("propagate", 0)
+            row["first_block_extra_seconds"] = first_s
+            row["ratio_to_floor_without_first_block_extra"] = (wall - first_s) / floor
+        results.append(row)
+        gpu = f"{row['peak_gpu_bytes'] / 2**30:.2f} GiB" if row["peak_gpu_bytes"] else "-"
+        print(f"prune {method:9s} {pattern:12s} compile {mode:4s}{' (cold)' if row.get('compile_cold') else ''} {wall:7.1f} s = {wall / floor:5.2f} x floor ({floor:.1f} s), "
+              f"peak GPU {gpu}, host RSS {row['peak_host_rss_bytes'] / 2**30:.1f} GiB "
+              f"[{', '.join(f'{k} {v:.1f}' for k, v in rep.timings.items())}]", flush=True)
+        if not in_place_model:
+            del model
+        gc.collect()
     return results
 
 
@@ -275,13 +301,22 @@ def main(argv=None) -> int:
                         "per model: for shapes whose weights fill most of the host memory)")
     p.add_argument("--gpu-cap-gib", type=float, default=None,
                    help="cap the GPU memory this process may use (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--compile", default="auto", help="compile modes of the calibration passes to run, e.g. off,on")
+    p.add_argument("--eager-methods", default="",
+                   help="with --compile off,on: the methods that also get an eager (off) row (default: all)")
+    p.add_argument("--warm-repeat", action="store_true",
+                   help="run the first compiled row twice: cold (compiles) and warm (graphs cached in the process)")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     shape = "tiny" if a.smoke else a.shape
-    rate = matmul_rate(dev)
+    rates = [matmul_rate(dev) for _ in range(1 if a.smoke else 5)]  # the rate moves ~5 % run to run
+    rate = statistics.median(rates)
     env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "bf16_matmul_flops_per_s": rate, "versions": package_versions(), "torch_cuda": torch.version.cuda}
-    print(f"{env['device']}: bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+           "bf16_matmul_flops_per_s": rate, "bf16_matmul_flops_per_s_runs": rates,
+           "bf16_matmul_rate_spread": (max(rates) - min(rates)) / rate,
+           "versions": package_versions(), "torch_cuda": torch.version.cuda}
+    print(f"{env['device']}: bf16 matmul {rate / 1e12:.0f} TFLOP/s (median of {len(rates)}, spread "
+          f"{100 * env['bf16_matmul_rate_spread']:.1f} %)", flush=True)
     tag = ("smoke_" if a.smoke else "") + (a.tag or "")
     if "ppl" in a.what:
         write_json(Path(a.out) / f"{tag}gpu_ppl_throughput_{shape}.json", {"environment": env, **bench_ppl(shape, dev, rate, a.smoke,
@@ -291,7 +326,10 @@ def main(argv=None) -> int:
         write_json(Path(a.out) / f"{tag}gpu_mask_selection.json", {"environment": env, "rows": bench_select(dev)})
     if "prune" in a.what:
         rows = bench_prune(shape, dev, rate, a.smoke, a.methods.split(","), a.patterns.split(","), a.layers,
-                           in_place_model=a.host_model, gpu_cap_gib=a.gpu_cap_gib)
+                           in_place_model=a.host_model, gpu_cap_gib=a.gpu_cap_gib,
+                           compile_modes=a.compile.split(","),
+                           eager_methods=a.eager_methods.split(",") if a.eager_methods else None,
+                           warm_repeat=a.warm_repeat)
         write_json(Path(a.out) / f"{tag}gpu_prune_{shape}{'_' + str(a.layers) + 'blocks' if a.layers else ''}.json",
                    {"environment": env, "rows": rows})
     return 0

@@ -202,6 +202,9 @@ def build_prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help="calibration windows per block forward (default: ~16k tokens)")
     g.add_argument("--offload-activations", default="auto", help="auto, cpu or device: where calibration activations live")
+    g.add_argument("--compile-calibration", default="auto", choices=("auto", "on", "off"),
+                   help="run the calibration passes through torch.compile (auto: on CUDA for jobs of over 2 PFLOP, "
+                        "where the one-time compile pays off)")
     g.add_argument("--logits-budget-mb", type=_positive_mb, default=None,
                    help="MiB of float32 logits computed at once by block-ppl/block-kl and perplexity (default: 256 on CPU, "
                         "a quarter of free GPU memory up to 2048)")
@@ -311,7 +314,7 @@ def cmd_prune(argv: list[str]) -> int:
         method=a.method, sparsity=a.sparsity, pattern=a.pattern, comparison_group=a.comparison_group,
         **options_from_args(a, a.method, _method_options()),
         device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
-        selection=a.selection)
+        selection=a.selection, compile=a.compile_calibration)
     calib_cfg = CalibrationConfig(source=a.calib_data, nsamples=nsamples, seqlen=seqlen, seed=a.seed,
                                   data_dir=a.data_dir, allow_overlap=a.allow_overlap, bos=a.bos)
     eval_cfg = None

@@ -64,6 +64,7 @@ class PruneConfig(_DictMixin):
     device: str = "auto"  # where each block is processed: "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     batch_size: int | None = None  # calibration windows per block forward; None = auto
     offload_activations: str = "auto"  # "auto" | "cpu" | "device": where the calibration activations live
+    compile: str = "auto"  # calibration passes through torch.compile: "auto" (large jobs on CUDA), "on", "off"
 
     def __post_init__(self) -> None:
         from .allocation import ALLOCATIONS
@@ -90,6 +91,8 @@ class PruneConfig(_DictMixin):
                                 f"{self.target} removes {target.unit_kind} units")
         if self.batch_size is not None and self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.compile not in ("auto", "on", "off"):
+            raise LLMPruneError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.offload_activations not in ("auto", "cpu", "device"):
             raise LLMPruneError(
                 f"offload_activations must be auto, cpu or device, got {self.offload_activations!r}"

@@ -11,13 +11,14 @@ from torch import nn
 
 from .allocation import ALLOCATIONS, Allocation, UnitRef, check_plan
 from .calibration import BlockContext, CalibrationData, observe, run_sequential
+from .calibration.compiled import compile_available, observe_compiled
 from .calibration.data import check_token_ids
 from .calibration.placement import BlockShuttle, auto_batch_size
 from .calibration.runner import sync_compute
 from .config import PruneConfig
 from .errors import LLMPruneError, memory_step, step_detail
 from .masks import Pattern
-from .models.arch import find_blocks, weight_oi
+from .models.arch import find_blocks, linear_layers, weight_oi
 from .models.load import resolve_device
 from .progress import progress
 from .scorers import SCORERS, Scorer
@@ -39,6 +40,7 @@ class PruneReport:
     block_timings: list[dict[str, float]] = field(default_factory=list)
     peak_memory: dict[str, int | None] = field(default_factory=dict)
     device: str = "cpu"
+    compiled: bool = False  # the calibration passes ran through torch.compile
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -165,6 +167,22 @@ def _prepass(model: nn.Module, parts: _Parts, tokens: torch.Tensor, config: Prun
     return summary
 
 
+_COMPILE_AUTO_FLOP = 2e15  # `compile="auto"` compiles on CUDA above this (two passes' FLOPs): ~3 s at 700 TFLOP/s
+
+
+def _use_compile(model: nn.Module, config: PruneConfig, tokens: torch.Tensor | None, device: torch.device) -> bool:
+    """Whether the calibration passes run compiled: "on"/"off" as asked; "auto" on CUDA (with triton) when the two
+    passes' FLOPs are large enough for the one-time compile (seconds) to pay off."""
+    if tokens is None or config.compile == "off":
+        return False
+    if config.compile == "on":
+        return True
+    if not compile_available(device):
+        return False
+    params = sum(weight_oi(m).numel() for b in find_blocks(model).modules for m in linear_layers(b).values())
+    return 2 * 2 * params * tokens.numel() > _COMPILE_AUTO_FLOP
+
+
 _LOWER = "a smaller --batch-size, --offload-activations cpu, --dtype bfloat16 or fewer --nsamples"
 
 
@@ -199,6 +217,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         raise LLMPruneError(f"method {config.method} needs a backward pass, which this version does not run")
     tokens = _check_calibration(model, calibration, config.method) if the_pass == "forward" else None
     batch_size = (config.batch_size or auto_batch_size(tokens)) if tokens is not None else 0
+    use_compile = _use_compile(model, config, tokens, device)
     if parts.allocation.prepass:
         _plan(model, parts, config, _prepass(model, parts, tokens, config, device, batch_size))
     if device.type == "cuda":
@@ -215,8 +234,13 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
             layers = {n: ctx.block.get_submodule(n) for u in parts.units[ctx.index] for n in u.layers}
             t = time.perf_counter()
             with memory_step(f"calibration of block {ctx.index}", _LOWER):
-                with observe(ctx.block, layers, need, stop_early=True) as stats:
-                    ctx.forward()
+                if use_compile:
+                    with observe_compiled(ctx.block, layers, need, ctx.calls, ctx.inputs) as (stats, run):
+                        for b in range(len(ctx.inputs)):
+                            run(b, device)
+                else:
+                    with observe(ctx.block, layers, need, stop_early=True) as stats:
+                        ctx.forward()
                 sync_compute(device)
             ctx.timings["calibrate"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -229,7 +253,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
         with memory_step(f"{config.method} pruning (block inputs and outputs)", _LOWER):
             block_timings = run_sequential(model, tokens, process, device=device, batch_size=batch_size,
                                            offload_activations=config.offload_activations, desc=config.method,
-                                           release_inputs=True, transfers=transfers)
+                                           release_inputs=True, transfers=transfers, compiled=use_compile)
     else:
         block_timings = _each_block(model, process, device, f"{config.method}: blocks", transfers)
     parts.target.finalize(model)
@@ -248,5 +272,5 @@ def prune(model: nn.Module, config: PruneConfig, calibration: CalibrationData | 
              100 * overall, total)
     return PruneReport(config=config.to_dict(), calibration=calibration.to_dict() if calibration is not None else None,
                        layer_sparsity=layer_sp, sparsity=overall, timings=timings, block_timings=block_timings,
-                       peak_memory=peak, device=str(device))
+                       peak_memory=peak, device=str(device), compiled=use_compile)
 

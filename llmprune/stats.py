@@ -66,6 +66,10 @@ class Collector:
 
     name: str = ""
     needs_pass: str = "forward"
+    # True when `accumulate(total, x)` on a given total works in place with torch ops only (traceable by
+    # torch.compile), and `accumulate(None, <0 rows>)` gives the zero total: the compiled calibration pass then
+    # accumulates inside the block's graph (llmprune.calibration.compiled); otherwise on the inputs after it.
+    in_graph: bool = False
 
     def accumulate(self, total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -141,6 +145,7 @@ class SquaredNorm(Collector):
     """sum_t x_tj^2 = ||X_j||_2^2 per input feature j, (in,) float32 (Wanda, RIA)."""
 
     needs_pass = "forward"
+    in_graph = True  # accumulates in place into a preallocated total: traced into a compiled pass
 
     def accumulate(self, total, x):
         sq = torch.linalg.vector_norm(x, ord=2, dim=0, dtype=torch.float32).square_()  # (in,)

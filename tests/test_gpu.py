@@ -121,3 +121,40 @@ def test_gpu_blocks_already_on_the_gpu_are_pruned_where_they_are():
     llmprune.prune(model, PruneConfig(method="wanda", sparsity=0.5, device="cuda"), calib_tokens(n=4, seqlen=32))
     assert [p.data_ptr() for p in model.parameters()] == ptrs  # no copy through host memory and back
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.parametrize("method,whole_model", [("wanda", 0.999), ("ria", 0.999), ("sparsegpt", 0.98)])
+def test_gpu_compiled_calibration_masks_agree_with_eager(method, whole_model):
+    """Issue 12: the compiled statistics pass sums in another order than the eager one. On one block (the same
+    inputs) the masks agree on at least 99.99 % of the weights (bf16, a Llama block shape scaled down). Over
+    three blocks the compiled propagation's bf16 rounding also moves the next blocks' inputs, so agreement is
+    lower (measured on an H200: wanda 99.93 %, ria 99.985 %, sparsegpt 98.7 %): bounded here, reported in the
+    benchmark notes."""
+    import transformers as T
+
+    for layers, bound in ((1, 0.9999), (3, whole_model)):
+        cfg = T.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
+                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+        torch.manual_seed(0)
+        base = T.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        tokens = calib_tokens(n=16, seqlen=128, vocab_size=512)
+        models = {}
+        for mode in ("off", "on"):
+            m = copy.deepcopy(base)
+            rep = llmprune.prune(m, PruneConfig(method=method, sparsity=0.5, device="cuda", compile=mode), tokens)
+            assert rep.compiled == (mode == "on")
+            models[mode] = m
+        pairs = [(a, b) for (n, a), b in zip(models["off"].named_parameters(), models["on"].parameters())
+                 if "layers" in n and a.dim() == 2]
+        agree = sum(int(((a == 0) == (b == 0)).sum()) for a, b in pairs)
+        total = sum(a.numel() for a, _ in pairs)
+        assert agree / total >= bound, f"{method}, {layers} blocks: {agree / total:.6f} of the weights agree"
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_gpu_nm_ranking_equals_the_cpu_topk_mask(nm):
+    from llmprune.masks import nm_mask
+
+    torch.manual_seed(0)
+    scores = torch.randn(256, 512)  # continuous: no ties, one right answer
+    assert torch.equal(nm_mask(scores.cuda(), *nm).cpu(), nm_mask(scores, *nm))

@@ -89,3 +89,18 @@ def test_apply_mask_writes_positive_zeros_only():
 def test_check_nm():
     assert check_nm(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), 2, 4)
     assert not check_nm(torch.tensor([[1.0, 1.0, 0.0, 2.0]]), 2, 4)
+
+
+def test_group_ranks_oracle_and_nm_equivalence():
+    """The elementwise ranking used for N:M on the GPU: a hand-made group with ties, and the same masks as the
+    topk path wherever a group has no ties."""
+    from llmprune.masks import group_ranks, lowest_k
+
+    g = torch.tensor([[[3.0, 1.0, 1.0, 2.0]]])
+    assert group_ranks(g).tolist() == [[[3, 0, 1, 2]]]  # the tie goes to the lower position first
+    torch.manual_seed(0)
+    scores = torch.randn(8, 32)
+    groups = scores.reshape(8, 8, 4)
+    by_rank = group_ranks(groups) < 2
+    by_topk = torch.zeros_like(by_rank).scatter_(-1, lowest_k(groups, 2, -1), True)
+    assert torch.equal(by_rank, by_topk)

@@ -21,6 +21,7 @@ from ..errors import LLMPruneError, step_detail
 from ..models.arch import Blocks, find_blocks
 from ..progress import progress
 from .capture import BlockCall, capture_block_inputs
+from .compiled import run_plain
 from .observe import StopBlockForward
 from .placement import BlockShuttle, choose_activation_device
 
@@ -44,6 +45,7 @@ class BlockContext:
     inputs: list[torch.Tensor]  # per batch: (batch, seqlen, hidden), on the activation device
     calls: list[BlockCall]  # per batch: the other arguments of the block
     timings: dict[str, float] = field(default_factory=dict)
+    compiled: bool = False  # propagate through the compiled forward (llmprune.calibration.compiled)
 
     @torch.no_grad()
     def forward(self, keep_outputs: bool = False, in_place: bool = False) -> list[torch.Tensor] | None:
@@ -56,7 +58,10 @@ class BlockContext:
         for b in range(len(self.inputs)):
             h = self.inputs[b]
             try:
-                y = self.calls[b](self.block, h.to(self.device, non_blocking=True))
+                if self.compiled:
+                    y = run_plain(self.calls[b], self.block, h.to(self.device, non_blocking=True))
+                else:
+                    y = self.calls[b](self.block, h.to(self.device, non_blocking=True))
             except StopBlockForward:
                 continue
             if outs is not None:
@@ -74,7 +79,8 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
                    device: torch.device, batch_size: int, offload_activations: str = "auto",
                    propagate_last: bool = False, desc: str = "prune", writeback: bool = True,
                    release_inputs: bool = False, prefetch: bool = True,
-                   transfers: dict[str, float] | None = None, activation_copies: int = 2) -> list[dict[str, float]]:
+                   transfers: dict[str, float] | None = None, activation_copies: int = 2,
+                   compiled: bool = False) -> list[dict[str, float]]:
     """Run `process` on every block in order; block i+1's inputs are block i's outputs after `process`.
 
     `writeback`: `process` changes the blocks, copy them back to host memory. `release_inputs`: `process` keeps
@@ -83,7 +89,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
     copies of all windows' activations `process` keeps alive at once (inputs and outputs: 2), for the `auto`
     placement of `offload_activations` (see `choose_activation_device`). Returns the per-block
     timings (seconds); `transfers`, if given, receives the seconds spent moving blocks (overlapped with the
-    computation on a GPU)."""
+    computation on a GPU). `compiled`: propagate through the compiled block forward."""
     blocks: Blocks = find_blocks(model)
     n = len(blocks)
     dtype = next(model.parameters()).dtype
@@ -101,7 +107,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, process: Callable[[Bl
         for i in bar:
             t = time.perf_counter()
             block = shuttle.get(i)
-            ctx = BlockContext(i, n, block, device, hidden, calls[i])
+            ctx = BlockContext(i, n, block, device, hidden, calls[i], compiled=compiled)
             bar.set_description(f"{desc}: block {i + 1}/{n}")
             step_detail(f"block {i + 1}/{n}")  # named in the one line of an unexpected error
             try:

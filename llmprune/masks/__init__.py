@@ -144,10 +144,29 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if in_f % m:
         raise LLMPruneError(f"N:M pattern {n}:{m} needs an input width divisible by {m}, got {in_f}")
     groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M), a copy if scores is a transposed view
+    if groups.is_cuda and m <= _RANK_M:
+        return (group_ranks(groups) < m - n).reshape(out_f, in_f)
     idx = lowest_k(groups, m - n, dim=-1)  # the M-N lowest of each group
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
     mask.scatter_(-1, idx, True)
     return mask.reshape(out_f, in_f)
+
+
+_RANK_M = 16  # on the GPU, N:M groups up to this size are ranked elementwise (no topk kernel)
+
+
+def group_ranks(groups: torch.Tensor) -> torch.Tensor:
+    """The rank of every score within its group along the last dimension (0 = lowest; equal scores ranked by
+    position, lower first), by M elementwise comparisons: on a GPU several times faster than `topk` over
+    groups of 4 (issue 12, 2:4 Wanda). Ranks of a group are a permutation of 0..M-1, so `ranks < M-N` prunes
+    exactly M-N."""
+    m = groups.shape[-1]
+    pos = torch.arange(m, device=groups.device)
+    ranks = torch.zeros(groups.shape, dtype=torch.int8, device=groups.device)
+    for j in range(m):
+        g = groups[..., j : j + 1]
+        ranks += (g < groups) | ((g == groups) & (j < pos))
+    return ranks
 
 
 def reference_nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
